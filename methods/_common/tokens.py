@@ -1,0 +1,33 @@
+"""Token selection helpers: real gathering for inference, attention masks for training."""
+from __future__ import annotations
+
+import torch
+
+_POLICY_EPS = 1e-6
+
+
+def gather_tokens(x: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
+    """Select tokens per sample: ``x [B, N, C]``, ``index [B, K]`` -> ``[B, K, C]`` (DynamicViT's batch_index_select)."""
+    return torch.gather(x, 1, index.unsqueeze(-1).expand(-1, -1, x.shape[-1]))
+
+
+def policy_attn_mask(policy: torch.Tensor, eps: float = _POLICY_EPS) -> torch.Tensor:
+    """Additive attention mask that hides dropped keys, as DynamicViT's ``softmax_with_policy``.
+
+    ``softmax(a + log(p' + eps))`` with ``p'_ij = p_j`` off the diagonal and 1 on it equals
+    ``e_ij (p'_ij + eps) / sum_j e_ij (p'_ij + eps)``: dropped keys get ~eps weight, every token still
+    sees itself (no empty rows), and the gradient reaches the straight-through policy exactly as
+    through the paper's multiplicative form (checked in tests/methods/test_dynamicvit.py). Passing it
+    as ``attn_mask`` lets timm's own ``Block``/``Attention`` run unmodified.
+
+    Args:
+        policy: keep decisions ``[B, N]`` in [0, 1], prefix tokens included (always 1).
+
+    Returns:
+        float mask ``[B, 1, N, N]`` to add to the attention logits.
+    """
+    n = policy.shape[1]
+    p = policy.float()[:, None, None, :]  # [B, 1, 1, N], over keys
+    eye = torch.eye(n, device=policy.device, dtype=p.dtype)
+    p = p + (1.0 - p) * eye
+    return torch.log(p + eps)

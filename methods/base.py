@@ -1,0 +1,191 @@
+"""The one interface every sparsification method implements, and the registry that finds them.
+
+A method turns a trained dense timm ``VisionTransformer`` into a sparse model, says how to train it
+(loss, optimizer groups, per-step hooks) and what to report about it. The orchestrator drives every
+method the same way:
+
+    method = get_method("dynamicvit")
+    cfg = method.config_cls(keep_ratio=0.7)
+    model = method.build_model(cfg, base)          # base: a timm VisionTransformer
+    out = model(images)                            # MethodOutput, in train and eval mode
+    loss = method.loss(out, target, cfg, task_loss, teacher=teacher_out)
+    hooks = method.hooks(model, cfg)               # StepHooks, no-ops unless the method needs them
+
+This module depends on torch and timm only: never on Ray, MLflow or the orchestrator.
+"""
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass, field
+from typing import Any, Callable, ClassVar, Generic, TypeVar
+
+import torch
+from torch import nn
+
+__all__ = [
+    "MethodConfig",
+    "MethodOutput",
+    "LossOutput",
+    "StepHooks",
+    "SparsityMethod",
+    "register_method",
+    "get_method",
+    "list_methods",
+    "UnknownMethodError",
+]
+
+TaskLoss = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
+
+
+@dataclass(frozen=True)
+class MethodConfig:
+    """Base of every method's frozen config dataclass (paper defaults as field defaults)."""
+
+    def validate_for(self, depth: int) -> None:
+        """Check the config against a backbone of ``depth`` blocks; raise ``ValueError`` if it cannot apply."""
+
+    @classmethod
+    def field_names(cls) -> tuple[str, ...]:
+        return tuple(f.name for f in dataclasses.fields(cls))
+
+
+@dataclass
+class MethodOutput:
+    """What every method model returns, in training and in eval mode.
+
+    Attributes:
+        logits: class scores ``[B, num_classes]``.
+        aux: method-specific tensors, e.g. ``tokens`` (final normed patch tokens ``[B, N, C]``),
+            ``decisions`` (DynamicViT's per-stage keep masks). Empty when there is nothing extra.
+    """
+
+    logits: torch.Tensor
+    aux: dict[str, Any] = field(default_factory=dict)
+
+
+@dataclass
+class LossOutput:
+    """The scalar to back-propagate and its named terms (detached, for logging)."""
+
+    total: torch.Tensor
+    terms: dict[str, torch.Tensor] = field(default_factory=dict)
+
+
+class StepHooks:
+    """Per-step callbacks a method may need (DST prune/grow, schedules); all default to no-ops.
+
+    Under DDP every rank calls them at the same point, so anything that changes masks must come out
+    identical on every rank (use the all-reduced gradients or broadcast from rank 0).
+    """
+
+    def after_backward(self, step: int) -> None:
+        """After ``loss.backward()``, before the optimizer step (gradients are all-reduced)."""
+
+    def after_optimizer_step(self, step: int) -> None:
+        """After each optimizer step; ``step`` counts optimizer steps from 0."""
+
+    def on_epoch_end(self, epoch: int) -> None:
+        """After each training epoch, before evaluation."""
+
+
+C = TypeVar("C", bound=MethodConfig)
+
+
+class SparsityMethod(Generic[C]):
+    """A sparsification method. Subclass, set the class attributes, register with ``@register_method``.
+
+    Attributes:
+        name: the registry key (the module's name, e.g. ``"dynamicvit"``).
+        config_cls: the frozen ``MethodConfig`` dataclass holding the paper's defaults.
+        needs_teacher: the loop passes the frozen dense backbone's output as ``teacher``.
+        find_unused_parameters: some parameters get no gradient on some steps (e.g. early exits),
+            so DDP must be told.
+    """
+
+    name: ClassVar[str]
+    config_cls: ClassVar[type[MethodConfig]]
+    needs_teacher: ClassVar[bool] = False
+    find_unused_parameters: ClassVar[bool] = False
+
+    def build_model(self, cfg: C, base: nn.Module) -> nn.Module:
+        """Wrap or modify the trained dense ``base`` into the method's model (forward -> ``MethodOutput``)."""
+        raise NotImplementedError
+
+    def loss(
+        self,
+        out: MethodOutput,
+        target: torch.Tensor,
+        cfg: C,
+        task_loss: TaskLoss,
+        teacher: MethodOutput | None = None,
+    ) -> LossOutput:
+        """The training loss. ``task_loss(logits, target)`` is the loop's CE (smoothing/soft targets)."""
+        ce = task_loss(out.logits, target)
+        return LossOutput(total=ce, terms={"task_loss": ce.detach()})
+
+    def param_groups(self, model: nn.Module, cfg: C, lr: float, weight_decay: float) -> list[dict[str, Any]]:
+        """Optimizer parameter groups. Default: one group, no decay on 1-d params and tokens (DeiT)."""
+        return split_decay(model.named_parameters(), lr, weight_decay)
+
+    def hooks(self, model: nn.Module, cfg: C) -> StepHooks:
+        """Per-step hooks for this model (see ``StepHooks``)."""
+        return StepHooks()
+
+    def stats(self, model: nn.Module, out: MethodOutput | None = None) -> dict[str, float]:
+        """Method-specific metrics (flat snake_case floats), from the model and optionally a train output."""
+        return {}
+
+
+_NO_DECAY_NAMES = ("cls_token", "pos_embed", "dist_token", "reg_token")
+
+
+def split_decay(named_params, lr: float, weight_decay: float, lr_scale: float = 1.0) -> list[dict[str, Any]]:
+    """Two AdamW groups as in DeiT: weight decay on matrices, none on biases, norms and tokens."""
+    decay, no_decay = [], []
+    for name, p in named_params:
+        if not p.requires_grad:
+            continue
+        if p.ndim <= 1 or name.endswith(".bias") or any(t in name for t in _NO_DECAY_NAMES):
+            no_decay.append(p)
+        else:
+            decay.append(p)
+    groups = [
+        {"params": decay, "lr": lr * lr_scale, "weight_decay": weight_decay},
+        {"params": no_decay, "lr": lr * lr_scale, "weight_decay": 0.0},
+    ]
+    return [g for g in groups if g["params"]]
+
+
+class UnknownMethodError(KeyError):
+    """Raised by ``get_method`` for a name that is not registered."""
+
+    def __str__(self) -> str:  # KeyError quotes its message; keep it one readable line
+        return str(self.args[0])
+
+
+_REGISTRY: dict[str, SparsityMethod] = {}
+
+
+def register_method(name: str):
+    """Class decorator: instantiate the method and register it under ``name`` (duplicates raise)."""
+
+    def wrap(cls: type[SparsityMethod]) -> type[SparsityMethod]:
+        if name in _REGISTRY:
+            raise ValueError(f"method {name!r} is registered twice ({_REGISTRY[name]!r} and {cls!r})")
+        cls.name = name
+        _REGISTRY[name] = cls()
+        return cls
+
+    return wrap
+
+
+def get_method(name: str) -> SparsityMethod:
+    """The registered method called ``name``; the error lists the known names."""
+    try:
+        return _REGISTRY[name]
+    except KeyError:
+        raise UnknownMethodError(f"unknown method {name!r}; known methods: {', '.join(list_methods())}") from None
+
+
+def list_methods() -> list[str]:
+    return sorted(_REGISTRY)
