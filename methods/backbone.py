@@ -55,7 +55,7 @@ class BackboneConfig:
 
 def create_backbone(cfg: BackboneConfig) -> VisionTransformer:
     """Build ``cfg.name`` from timm with random weights and the overrides; it must be a VisionTransformer."""
-    if cfg.name not in timm.list_models():
+    if not timm.is_model(timm.models.split_model_name_tag(cfg.name)[0]):
         raise ValueError(f"unknown timm model {cfg.name!r}")
     model = timm.create_model(cfg.name, pretrained=False, **cfg.timm_kwargs())
     if not isinstance(model, VisionTransformer):
@@ -79,9 +79,8 @@ def unwrap_state_dict(obj: Any) -> dict[str, torch.Tensor]:
         raise CheckpointError("no state dict of tensors found in it")
     out = {}
     for key, value in obj.items():
-        for prefix in _PREFIXES:
-            if key.startswith(prefix):
-                key = key[len(prefix):]
+        while key.startswith(_PREFIXES):  # in any order: DDP/compile wrap each other (module._orig_mod.vit.)
+            key = key.split(".", 1)[1]
         out[key] = value
     return out
 

@@ -209,7 +209,7 @@ class DynamicViTMethod(SparsityMethod[DynamicViTConfig]):
         """Mean kept fraction per stage of a training output (``keep_ratio_stage{k}``)."""
         if out is None or "decisions" not in out.aux:
             return {}
-        return {f"keep_ratio_stage{k + 1}": float(d.mean()) for k, d in enumerate(out.aux["decisions"])}
+        return {f"keep_ratio_stage{k + 1}": float(d.detach().mean()) for k, d in enumerate(out.aux["decisions"])}
 
 
 def _kept_token_mse(student: torch.Tensor, teacher: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:

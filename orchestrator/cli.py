@@ -1,0 +1,196 @@
+"""The ``prunetune`` command line: data, sweep, pareto, quickstart, methods, validate.
+
+Bad input (a missing file, an unknown method, a malformed search space, an unreachable tracking
+server, ...) ends in one line, ``prunetune: error: ...``, and exit code 2, before anything is
+recorded.
+"""
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import logging
+import sys
+from pathlib import Path
+
+from .errors import UserError
+
+__all__ = ["main"]
+
+_logger = logging.getLogger("prunetune")
+
+
+def _cmd_data(args: argparse.Namespace) -> int:
+    from .data import write_digits
+
+    counts = write_digits(args.out, img_size=args.img_size, seed=args.seed)
+    print(f"digits written to {args.out}: {counts['train']} train / {counts['val']} val images")
+    return 0
+
+
+def _load(args: argparse.Namespace):
+    from .config import apply_overrides, load_experiment, parse_set_args
+    from .search_space import load_search_space
+
+    exp = load_experiment(args.config, parse_set_args(args.set))
+    extra = {}
+    if args.tracking_uri:
+        extra["tracking.uri"] = args.tracking_uri
+    if args.experiment:
+        extra["tracking.experiment"] = args.experiment
+    if extra:
+        exp = apply_overrides(exp, extra)
+    ref = exp.sweep.search_space or exp.method
+    space = load_search_space(ref, exp, base=Path(args.config).resolve().parent)
+    return exp, space
+
+
+def _cmd_validate(args: argparse.Namespace) -> int:
+    from .data import check_image_folder
+    from .tracking import check_reachable, redact, resolve_uri
+
+    exp, space = _load(args)
+    counts = check_image_folder(exp.data.path)
+    uri = resolve_uri(exp.tracking.uri)
+    check_reachable(uri)
+    print(f"config ok: method {exp.method} on {exp.model.name}; data {counts}; tracking {redact(uri)}")
+    print(f"search space {space.source}: {', '.join(space.names())}")
+    return 0
+
+
+def _cmd_sweep(args: argparse.Namespace) -> int:
+    from .sweep import run_sweep
+
+    exp, space = _load(args)
+    outcome = run_sweep(exp, space, name=args.name, address=args.address)
+    _print_outcome(outcome)
+    return 1 if outcome.errors == outcome.trials else 0
+
+
+def _print_outcome(outcome) -> None:
+    from .tracking import redact
+
+    print(f"\nsweep {outcome.name}: {outcome.trials} trials, {outcome.errors} failed; Pareto front ({len(outcome.front)}):")
+    print(format_front(outcome.front))
+    print(f"\nMLflow: experiment {outcome.experiment!r}, sweep run {outcome.parent_run_id} at {redact(outcome.tracking_uri)}")
+    print(f"  browse: mlflow ui --backend-store-uri {redact(outcome.tracking_uri)}" if outcome.tracking_uri.startswith("sqlite") else f"  browse: {redact(outcome.tracking_uri)}")
+    print(f"  front:  prunetune pareto --experiment {outcome.experiment} --tracking-uri {redact(outcome.tracking_uri)}")
+
+
+def _cmd_pareto(args: argparse.Namespace) -> int:
+    from .tracking import Tracker, check_reachable, resolve_uri
+
+    uri = resolve_uri(args.tracking_uri)
+    check_reachable(uri)
+    if uri.startswith("sqlite") and not Path(uri[len("sqlite:///"):]).is_file():
+        raise UserError(f"tracking store {uri!r} does not exist (no sweep has been recorded there)")
+    parent, rows = Tracker(uri, args.experiment).read_front(args.sweep)
+    if args.json:
+        print(json.dumps({"experiment": args.experiment, "sweep_run_id": parent.info.run_id, "sweep": parent.info.run_name, "front": rows}, indent=2))
+    else:
+        print(f"sweep {parent.info.run_name} ({parent.info.run_id}): Pareto front ({len(rows)})")
+        print(format_front(rows))
+    return 0
+
+
+def _cmd_quickstart(args: argparse.Namespace) -> int:
+    from .quickstart import run_quickstart
+
+    outcome = run_quickstart(Path(args.out), num_samples=args.num_samples)
+    _print_outcome(outcome)
+    return 0
+
+
+def _cmd_methods(args: argparse.Namespace) -> int:
+    import methods
+
+    for name in methods.list_methods():
+        method = methods.get_method(name)
+        defaults = {f.name: f.default for f in dataclasses.fields(method.config_cls)}
+        print(f"{name}: needs_teacher={method.needs_teacher} defaults={defaults}")
+    return 0
+
+
+def format_front(rows: list[dict]) -> str:
+    """A plain-text table of Pareto-front rows (run, searched params, key metrics)."""
+    if not rows:
+        return "  (empty: no trial finished with all objectives measured)"
+    metric_keys = ["val_top1", "latency_ms", "speedup", "throughput_ips", "gflops"]
+    param_keys = list(dict.fromkeys(k for r in rows for k in r["params"]))
+    header = ["run_id"] + param_keys + metric_keys
+    lines = [header]
+    for r in rows:
+        params = [_short(r["params"].get(k, "")) for k in param_keys]
+        metrics = [f"{r['metrics'][k]:.4g}" if k in r["metrics"] else "-" for k in metric_keys]
+        lines.append([r["run_id"][:8]] + params + metrics)
+    widths = [max(len(str(line[i])) for line in lines) for i in range(len(header))]
+    return "\n".join("  " + "  ".join(str(c).ljust(w) for c, w in zip(line, widths)) for line in lines)
+
+
+def _short(value: str) -> str:
+    try:
+        return f"{float(value):.4g}"
+    except (TypeError, ValueError):
+        return str(value)
+
+
+def _parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="prunetune", description="Accuracy-vs-latency sweeps for sparse vision transformers.")
+    p.add_argument("-v", "--verbose", action="store_true", help="debug logging")
+    sub = p.add_subparsers(dest="command", required=True)
+
+    d = sub.add_parser("data", help="materialize a dataset in ImageNet folder layout")
+    d.add_argument("dataset", choices=["digits"], help="scikit-learn's digits (8x8, 10 classes), upscaled")
+    d.add_argument("--out", required=True, help="folder to create (train/ and val/)")
+    d.add_argument("--img-size", type=int, default=32)
+    d.add_argument("--seed", type=int, default=0, help="seed of the train/val split")
+    d.set_defaults(func=_cmd_data)
+
+    for name, func, help_ in (("sweep", _cmd_sweep, "run a Ray Tune + Optuna sweep"), ("validate", _cmd_validate, "check a sweep config without running it")):
+        s = sub.add_parser(name, help=help_)
+        s.add_argument("config", help="experiment YAML file")
+        s.add_argument("--set", action="append", metavar="KEY=VALUE", help="override a config field (train.lr=3e-4, keep_ratio=0.6); repeatable")
+        s.add_argument("--tracking-uri", help="MLflow tracking URI (default: the config's, else MLflow's default)")
+        s.add_argument("--experiment", help="MLflow experiment name (default: the config's)")
+        if name == "sweep":
+            s.add_argument("--name", help="sweep name (default: config name + timestamp)")
+            s.add_argument("--address", help="Ray cluster address (default: RAY_ADDRESS, else a local Ray)")
+        s.set_defaults(func=func)
+
+    pa = sub.add_parser("pareto", help="print a sweep's Pareto front from MLflow")
+    pa.add_argument("--experiment", required=True, help="MLflow experiment name")
+    pa.add_argument("--tracking-uri", help="MLflow tracking URI (default: MLflow's default)")
+    pa.add_argument("--sweep", help="sweep (parent) run id; default: the latest sweep")
+    pa.add_argument("--json", action="store_true", help="machine-readable output")
+    pa.set_defaults(func=_cmd_pareto)
+
+    q = sub.add_parser("quickstart", help="digits + dense tiny ViT + a DynamicViT sweep, all in one folder")
+    q.add_argument("--out", default="prunetune-quickstart", help="folder for everything it writes")
+    q.add_argument("--num-samples", type=int, default=6, help="trials in the sweep")
+    q.set_defaults(func=_cmd_quickstart)
+
+    m = sub.add_parser("methods", help="list the registered methods and their defaults")
+    m.set_defaults(func=_cmd_methods)
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = _parser().parse_args(argv)
+    logging.basicConfig(
+        level=logging.DEBUG if args.verbose else logging.INFO,
+        format="%(asctime)s %(name)s: %(message)s", datefmt="%H:%M:%S",
+    )
+    for noisy in ("alembic", "mlflow.store.db.utils", "matplotlib", "urllib3", "botocore", "filelock"):
+        logging.getLogger(noisy).setLevel(logging.WARNING)
+    try:
+        return args.func(args)
+    except UserError as e:
+        print(f"prunetune: error: {e}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("prunetune: interrupted", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

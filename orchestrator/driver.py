@@ -1,0 +1,147 @@
+"""Ray Train drivers: one ``TorchTrainer`` per sweep trial, and the dense pre-training run.
+
+``run_trial`` is the Tune trainable (Ray's Train-inside-Tune pattern: never a Trainer passed to a
+Tuner). It rebuilds the trial's typed config, opens the trial's MLflow child run, and fits a
+``TorchTrainer`` whose run name is fixed by the trial id, so a restarted trial resumes from its own
+checkpoints. Metrics flow worker -> ``ray.train.report`` -> the callbacks here -> Tune and MLflow.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import tempfile
+from dataclasses import asdict, replace
+from pathlib import Path
+from typing import Any
+
+import ray.train
+import torch
+from ray import tune
+from ray.train import CheckpointConfig, ScalingConfig, UserCallback
+from ray.train.torch import TorchConfig, TorchTrainer
+from ray.tune.integration.ray_train import TuneReportCallback
+
+from . import storage, worker
+from .config import ExperimentConfig, ResourcesConfig, apply_overrides, to_flat_dict
+from .tracking import ROLE_TAG, SWEEP_TAG, TRIAL_TAG, Tracker
+
+__all__ = ["run_trial", "train_dense", "scaling_config", "MlflowReportCallback"]
+
+_logger = logging.getLogger(__name__)
+
+
+def scaling_config(res: ResourcesConfig) -> tuple[ScalingConfig, TorchConfig]:
+    """Ray Train workers for one run: NCCL when each rank has a GPU, gloo on CPUs."""
+    use_gpu = res.gpus_per_worker > 0
+    per_worker = {"CPU": res.cpus_per_worker, **({"GPU": res.gpus_per_worker} if use_gpu else {})}
+    scaling = ScalingConfig(
+        num_workers=res.num_workers, use_gpu=use_gpu, resources_per_worker=per_worker,
+        placement_strategy=res.placement_strategy,
+    )
+    return scaling, TorchConfig(backend="nccl" if use_gpu else "gloo")
+
+
+class MlflowReportCallback(UserCallback):
+    """Logs rank 0's reported metrics (and the checkpoint URI) to an MLflow run, step = epoch."""
+
+    def __init__(self, tracker: Tracker, run_id: str) -> None:
+        self.tracker = tracker
+        self.run_id = run_id
+
+    def after_report(self, run_context, metrics: list[dict[str, Any]], checkpoint) -> None:
+        reported = metrics[0] if metrics else {}
+        try:
+            self.tracker.log_metrics(self.run_id, reported, step=int(reported.get("epoch", 0)))
+            if checkpoint is not None:
+                self.tracker.set_tags(self.run_id, {"checkpoint_uri": checkpoint.path})
+        except Exception as e:  # a tracking hiccup must not kill training; the checkpoint is safe
+            _logger.warning("MLflow logging failed for run %s: %s", self.run_id, e)
+
+
+def _trainer(exp: ExperimentConfig, stage: str, name: str, storage_path: str, callbacks: list) -> TorchTrainer:
+    scaling, torch_config = scaling_config(exp.resources)
+    keep = (exp.pretrain if stage == "pretrain" else exp.train).checkpoints_to_keep
+    return TorchTrainer(
+        worker.train_fn_per_worker,
+        train_loop_config={"experiment": exp, "stage": stage},
+        scaling_config=scaling,
+        torch_config=torch_config,
+        run_config=ray.train.RunConfig(
+            name=name,
+            storage_path=storage_path,
+            checkpoint_config=CheckpointConfig(num_to_keep=keep),
+            failure_config=ray.train.FailureConfig(max_failures=exp.resources.max_failures),
+            callbacks=callbacks,
+        ),
+    )
+
+
+def run_trial(config: dict[str, Any]) -> None:
+    """The Tune trainable: one sweep trial as a multi-worker ``TorchTrainer``.
+
+    ``config`` holds ``experiment`` (the base ExperimentConfig), ``params`` (this trial's sampled
+    values, flat keys), ``fixed``, ``parent_run_id``, ``tracking_uri``, ``sweep_name`` and
+    ``storage_path`` (the sweep's folder for Train runs).
+    """
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
+    exp = apply_overrides(config["experiment"], {**config["fixed"], **config["params"]})
+    trial_id = tune.get_context().get_trial_id()
+    tracker = Tracker(config["tracking_uri"], exp.tracking.experiment)
+    parent = config["parent_run_id"]
+    run_id = tracker.find_trial_run(parent, trial_id) or tracker.start_run(
+        name=f"trial_{trial_id}",
+        params=to_flat_dict(exp),
+        tags={
+            ROLE_TAG: "trial", TRIAL_TAG: trial_id, SWEEP_TAG: config["sweep_name"],
+            "method": exp.method, "backbone": exp.model.name,
+        },
+        parent_id=parent,
+    )
+    trainer = _trainer(
+        exp, "trial", f"trial_{trial_id}", config["storage_path"],
+        callbacks=[TuneReportCallback(), MlflowReportCallback(tracker, run_id)],
+    )
+    try:
+        trainer.fit()
+    except BaseException:
+        tracker.end_run(run_id, "FAILED")
+        raise
+    tracker.end_run(run_id, "FINISHED")
+
+
+def pretrain_key(exp: ExperimentConfig) -> str:
+    """Identity of a dense pre-training: backbone, data and schedule (so equal requests reuse one run)."""
+    what = {"model": asdict(replace(exp.model, pretrained=None)), "data": asdict(exp.data), "pretrain": asdict(exp.pretrain)}
+    return hashlib.sha256(json.dumps(what, sort_keys=True, default=str).encode()).hexdigest()[:10]
+
+
+def train_dense(exp: ExperimentConfig, tracker: Tracker) -> str:
+    """Train the dense backbone on the experiment's data (or reuse an earlier one); returns its weights' URI.
+
+    The run is named by ``pretrain_key``, so an interrupted pre-training resumes from its last epoch
+    and a finished one is reused. The weights are exported as a timm state dict under ``"model"``.
+    """
+    name = f"pretrain_{pretrain_key(exp)}"
+    export = storage.join(exp.storage_path, name, "dense_backbone.pt")
+    if storage.exists(export):
+        _logger.info("reusing the dense %s trained earlier: %s", exp.model.name, export)
+        return export
+    _logger.info("training the dense %s first (%d epochs): it is the starting point and teacher", exp.model.name, exp.pretrain.epochs)
+    flat = {k: v for k, v in to_flat_dict(exp).items() if not k.startswith(("train.", "sweep."))}
+    run_id = tracker.start_run(name, params={**flat, "method": "dense"}, tags={ROLE_TAG: "pretrain", "method": "dense", "backbone": exp.model.name})
+    trainer = _trainer(exp, "pretrain", name, exp.storage_path, callbacks=[MlflowReportCallback(tracker, run_id)])
+    try:
+        result = trainer.fit()
+        with result.checkpoint.as_directory() as d:
+            state = torch.load(Path(d) / worker.STATE_FILE, map_location="cpu", weights_only=True)
+        with tempfile.TemporaryDirectory() as tmp:
+            path = Path(tmp) / "dense_backbone.pt"
+            torch.save({"model": {k.removeprefix("vit."): v for k, v in state["model"].items()}}, path)
+            storage.upload(path, export)
+    except BaseException:
+        tracker.end_run(run_id, "FAILED")
+        raise
+    tracker.set_tags(run_id, {"weights_uri": export})
+    tracker.end_run(run_id, "FINISHED")
+    return export

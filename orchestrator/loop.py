@@ -1,0 +1,248 @@
+"""The training loop of one run (a sweep trial, or the dense pre-training), with no Ray in it.
+
+``build_run`` makes the models, data loaders, optimizer and schedule for this rank; ``fit`` trains,
+evaluates top-1/top-5 every epoch, hands each epoch's metrics and checkpoint state to ``report``,
+and ends a trial by measuring the sparse model beside the dense one on this device. Under DDP the
+caller wraps ``run.model`` (``worker.py`` does, through Ray Train); this module only all-reduces
+evaluation counts through ``torch.distributed`` when a process group exists.
+"""
+from __future__ import annotations
+
+import copy
+import logging
+import time
+from contextlib import nullcontext
+from dataclasses import dataclass, field
+from typing import Any, Callable, Literal
+
+import torch
+import torch.distributed as dist
+from timm.scheduler import CosineLRScheduler
+from torch import nn
+from torch.utils.data import DataLoader, DistributedSampler, Subset
+
+from methods import MethodConfig, SparsityMethod, StepHooks, create_backbone, get_method, load_backbone_weights, measure_pair
+from methods.dense import DenseConfig, DenseViT
+
+from .config import ExperimentConfig, TrainConfig
+from .data import build_datasets
+
+__all__ = ["Run", "build_run", "fit", "restore", "NonFiniteLossError", "Report"]
+
+_logger = logging.getLogger(__name__)
+
+Stage = Literal["pretrain", "trial"]
+#: ``report(metrics, checkpoint_state)``: state is the dict to checkpoint (rank 0), or None.
+Report = Callable[[dict[str, float], "dict[str, Any] | None"], None]
+
+
+class NonFiniteLossError(FloatingPointError):
+    """The loss became NaN or inf; the run stops instead of training on garbage."""
+
+
+@dataclass
+class Run:
+    """Everything one rank needs to train one run."""
+
+    exp: ExperimentConfig
+    stage: Stage
+    method: SparsityMethod
+    method_cfg: MethodConfig
+    train_cfg: TrainConfig
+    raw: nn.Module  # the method model, unwrapped
+    teacher: nn.Module | None
+    dense: nn.Module  # the dense reference for measurement
+    train_loader: DataLoader
+    val_loader: DataLoader
+    device: torch.device
+    image_shape: tuple[int, int, int]
+    rank: int = 0
+    world_size: int = 1
+    model: nn.Module | None = None  # what is trained: ``raw``, or DDP around it
+    optimizer: torch.optim.Optimizer | None = None
+    scheduler: CosineLRScheduler | None = None
+    scaler: torch.amp.GradScaler | None = None
+    hooks: StepHooks = field(default_factory=StepHooks)
+    epoch: int = 0  # next epoch to train
+    step: int = 0  # optimizer steps so far
+
+
+def build_run(
+    exp: ExperimentConfig,
+    stage: Stage,
+    device: torch.device,
+    rank: int = 0,
+    world_size: int = 1,
+    pretrained_path: str | None = None,
+) -> Run:
+    """Models, loaders, optimizer and schedule for ``stage`` on this rank.
+
+    ``pretrain`` trains the dense backbone from scratch (``exp.pretrain``); ``trial`` builds
+    ``exp.method`` on the dense backbone loaded from ``pretrained_path`` (a local file), which is
+    also the frozen teacher when the method needs one.
+    """
+    torch.manual_seed(exp.train.seed + rank)
+    base = create_backbone(exp.model)
+    if pretrained_path:
+        load_backbone_weights(base, pretrained_path)
+    if stage == "pretrain":
+        method, method_cfg, train_cfg = get_method("dense"), DenseConfig(), exp.pretrain
+    else:
+        method, method_cfg, train_cfg = get_method(exp.method), exp.method_config, exp.train
+    dense = DenseViT(copy.deepcopy(base)).to(device).eval()
+    teacher = None
+    if stage == "trial" and method.needs_teacher:
+        teacher = dense
+        teacher.requires_grad_(False)
+    raw = method.build_model(method_cfg, base).to(device)
+
+    img_size = base.patch_embed.img_size
+    train_ds, val_ds = build_datasets(exp.data, img_size[0])
+    sampler = DistributedSampler(train_ds, world_size, rank, shuffle=True, seed=train_cfg.seed) if world_size > 1 else None
+    pin = device.type == "cuda"
+    workers = exp.data.loader_workers
+    train_loader = DataLoader(
+        train_ds, batch_size=train_cfg.batch_size, shuffle=sampler is None, sampler=sampler, drop_last=len(train_ds) >= train_cfg.batch_size * world_size,
+        num_workers=workers, pin_memory=pin, persistent_workers=workers > 0,
+    )
+    val_shard = Subset(val_ds, range(rank, len(val_ds), world_size))  # disjoint shards, exact counts
+    val_loader = DataLoader(val_shard, batch_size=train_cfg.batch_size, num_workers=workers, pin_memory=pin)
+
+    run = Run(exp, stage, method, method_cfg, train_cfg, raw, teacher, dense, train_loader, val_loader, device, (3, *img_size), rank, world_size)
+    run.model = raw
+    run.optimizer = torch.optim.AdamW(method.param_groups(raw, method_cfg, train_cfg.lr, train_cfg.weight_decay), lr=train_cfg.lr)
+    steps = len(train_loader)
+    run.scheduler = CosineLRScheduler(
+        run.optimizer, t_initial=train_cfg.epochs * steps, lr_min=train_cfg.min_lr,
+        warmup_t=int(train_cfg.warmup_epochs * steps), warmup_lr_init=train_cfg.min_lr, t_in_epochs=False,
+    )
+    run.scaler = torch.amp.GradScaler(device.type, enabled=_amp_dtype(run) == torch.float16)
+    run.hooks = method.hooks(raw, method_cfg)
+    return run
+
+
+def _amp_dtype(run: Run) -> torch.dtype | None:
+    if not run.train_cfg.amp or run.device.type != "cuda":
+        return None
+    return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
+
+
+def checkpoint_state(run: Run, metrics: dict[str, float]) -> dict[str, Any]:
+    """What a checkpoint holds: enough to resume this run exactly where it stopped."""
+    return {
+        "model": run.raw.state_dict(),
+        "optimizer": run.optimizer.state_dict(),
+        "scaler": run.scaler.state_dict(),
+        "epoch": run.epoch - 1,  # the last finished epoch
+        "step": run.step,
+        "stage": run.stage,
+        "method": run.method.name,
+        "metrics": metrics,
+    }
+
+
+def restore(run: Run, state: dict[str, Any]) -> None:
+    """Continue from a checkpoint state (the run's own, or an ``init_checkpoint`` warm-up)."""
+    run.raw.load_state_dict(state["model"])
+    if "optimizer" in state:
+        run.optimizer.load_state_dict(state["optimizer"])
+    if "scaler" in state:
+        run.scaler.load_state_dict(state["scaler"])
+    run.epoch = int(state.get("epoch", -1)) + 1
+    run.step = int(state.get("step", 0))
+    run.scheduler.step_update(run.step)
+    _logger.info("resuming %s at epoch %d (step %d)", run.stage, run.epoch, run.step)
+
+
+def train_one_epoch(run: Run) -> dict[str, float]:
+    run.model.train()
+    sampler = run.train_loader.sampler
+    if isinstance(sampler, DistributedSampler):
+        sampler.set_epoch(run.epoch)
+    task_loss = nn.CrossEntropyLoss(label_smoothing=run.train_cfg.label_smoothing)
+    amp = _amp_dtype(run)
+    sums: dict[str, float] = {}
+    n = 0
+    start = time.perf_counter()
+    for images, target in run.train_loader:
+        images, target = images.to(run.device, non_blocking=True), target.to(run.device, non_blocking=True)
+        with torch.autocast(run.device.type, dtype=amp) if amp else nullcontext():
+            teacher_out = None
+            if run.teacher is not None:
+                with torch.no_grad():
+                    teacher_out = run.teacher(images)
+            out = run.model(images)
+            loss = run.method.loss(out, target, run.method_cfg, task_loss, teacher=teacher_out)
+        if not torch.isfinite(loss.total):
+            raise NonFiniteLossError(f"non-finite loss {loss.total.item()} at epoch {run.epoch}, step {run.step} ({run.stage})")
+        run.optimizer.zero_grad(set_to_none=True)
+        run.scaler.scale(loss.total).backward()
+        run.hooks.after_backward(run.step)
+        if run.train_cfg.grad_clip:
+            run.scaler.unscale_(run.optimizer)
+            nn.utils.clip_grad_norm_(run.raw.parameters(), run.train_cfg.grad_clip)
+        run.scaler.step(run.optimizer)
+        run.scaler.update()
+        run.hooks.after_optimizer_step(run.step)
+        run.step += 1
+        run.scheduler.step_update(run.step)
+        terms = {"train_loss": loss.total.detach(), **{f"train_{k}": v for k, v in loss.terms.items()}}
+        terms.update(run.method.stats(run.raw, out))
+        for k, v in terms.items():
+            sums[k] = sums.get(k, 0.0) + float(v)
+        n += 1
+    metrics = {k: v / max(n, 1) for k, v in sums.items()}
+    metrics["epoch_time_s"] = time.perf_counter() - start
+    metrics["lr"] = max(g["lr"] for g in run.optimizer.param_groups)
+    return metrics
+
+
+@torch.no_grad()
+def evaluate(run: Run) -> dict[str, float]:
+    """Top-1/top-5 (percent) and loss on the whole val set, in eval mode (the real sparse path)."""
+    run.model.eval()
+    counts = torch.zeros(4, dtype=torch.float64, device=run.device)  # top1, top5, loss sum, n
+    for images, target in run.val_loader:
+        images, target = images.to(run.device), target.to(run.device)
+        logits = run.raw(images).logits.float()
+        k = min(5, logits.shape[-1])
+        topk = logits.topk(k, dim=-1).indices
+        hit = topk.eq(target[:, None])
+        counts += torch.tensor(
+            [hit[:, 0].sum().item(), hit.any(-1).sum().item(), nn.functional.cross_entropy(logits, target, reduction="sum").item(), len(target)],
+            dtype=torch.float64, device=run.device,
+        )
+    if dist.is_available() and dist.is_initialized():
+        dist.all_reduce(counts)
+    top1, top5, loss_sum, n = counts.tolist()
+    return {"val_top1": 100.0 * top1 / n, "val_top5": 100.0 * top5 / n, "val_loss": loss_sum / n}
+
+
+def fit(run: Run, report: Report) -> dict[str, float]:
+    """Train the remaining epochs, reporting each; a trial then measures latency/throughput/GFLOPs.
+
+    Every rank calls ``report`` the same number of times (Ray Train requires it). Returns the last
+    metrics reported.
+    """
+    metrics: dict[str, float] = {}
+    total = run.train_cfg.epochs
+    while run.epoch < total:
+        train = train_one_epoch(run)
+        run.hooks.on_epoch_end(run.epoch)
+        metrics = {"epoch": run.epoch, **train, **evaluate(run)}
+        run.epoch += 1
+        if run.rank == 0:
+            _logger.info(
+                "%s epoch %d/%d: train_loss %.4f, val_top1 %.2f%% (%.1fs)",
+                run.stage, run.epoch, total, metrics["train_loss"], metrics["val_top1"], metrics["epoch_time_s"],
+            )
+        report(metrics, checkpoint_state(run, metrics) if run.rank == 0 else None)
+    if not metrics:  # resumed after the last epoch: evaluate once more for the final report
+        metrics = {"epoch": total - 1, **evaluate(run)}
+    final = {k: v for k, v in metrics.items() if k.startswith("val_") or k == "epoch"}
+    if run.stage == "trial":
+        if run.rank == 0:
+            final.update(measure_pair(run.raw, run.dense, run.image_shape, run.device, run.exp.measure))
+            final["params_m"] = sum(p.numel() for p in run.raw.parameters()) / 1e6
+        report(final, None)
+    return final

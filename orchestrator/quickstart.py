@@ -1,0 +1,70 @@
+"""``prunetune quickstart``: the digits, a dense tiny ViT, and a DynamicViT sweep, in one folder.
+
+Everything goes under ``out``: the data (``data/digits``), Ray's run storage (``runs/``), the MLflow
+store (``mlflow.db``) and the config it ran (``quickstart.yaml``, runnable with ``prunetune sweep``).
+The dense model is trained once and reused by later runs. Sized for 2 CPU cores: well under 10
+minutes, and the best trial above 90% top-1 on the digits' val split.
+"""
+from __future__ import annotations
+
+import logging
+from dataclasses import replace
+from pathlib import Path
+
+from methods import BackboneConfig, MeasureConfig
+from methods.dynamicvit import DynamicViTConfig
+
+from .config import DataConfig, ExperimentConfig, ResourcesConfig, SweepConfig, TrackingConfig, TrainConfig, to_yaml
+from .data import write_digits
+from .search_space import load_search_space
+from .sweep import SweepOutcome, run_sweep
+
+__all__ = ["quickstart_config", "digits_tiny_vit", "run_quickstart"]
+
+_logger = logging.getLogger(__name__)
+
+
+def digits_tiny_vit(data_path: str) -> ExperimentConfig:
+    """A tiny ViT (6 blocks, 96 channels, 8x8 patches of 4 px) on the 32x32 digits: a few seconds an epoch on CPU."""
+    return ExperimentConfig(
+        name="digits-dynamicvit",
+        method="dynamicvit",
+        # Predictors before blocks 1, 3, 5 of 6: the paper's 3 stages at the same relative depths.
+        method_config=DynamicViTConfig(pruning_loc=(1, 3, 5)),
+        model=BackboneConfig(
+            name="vit_tiny_patch16_224", img_size=32, patch_size=4, depth=6, embed_dim=96, num_heads=3, num_classes=10,
+        ),
+        # Digits are not mirror-symmetric and already centred: mild crops, no flips, no colour jitter.
+        data=DataConfig(path=data_path, hflip=0.0, scale=(0.8, 1.0), ratio=(0.9, 1.1), color_jitter=None, crop_pct=1.0, loader_workers=0),
+        pretrain=TrainConfig(epochs=25, batch_size=64, lr=2e-3, warmup_epochs=1, amp=False),
+        train=TrainConfig(epochs=4, batch_size=64, lr=1e-3, warmup_epochs=0.5, amp=False),
+        resources=ResourcesConfig(num_workers=1, cpus_per_worker=1),
+        measure=MeasureConfig(batch_size=64, warmup=10, iters=30, rounds=3),
+    )
+
+
+def quickstart_config(out: Path, num_samples: int = 6) -> ExperimentConfig:
+    """The quickstart's experiment: everything under ``out``, two single-worker trials at a time."""
+    out = out.resolve()
+    exp = digits_tiny_vit(str(out / "data" / "digits"))
+    return replace(
+        exp,
+        sweep=SweepConfig(
+            search_space="dynamicvit", num_samples=num_samples, max_concurrent_trials=2, seed=0,
+            # The paper's DeiT-S setting first, so the front always has the reference point.
+            points_to_evaluate=({"keep_ratio": 0.7, "ratio_weight": 2.0, "distill_weight": 0.5, "token_distill_weight": 0.5, "train.lr": 1e-3},),
+        ),
+        tracking=TrackingConfig(uri=f"sqlite:///{out / 'mlflow.db'}", experiment="prunetune-quickstart"),
+        storage_path=str(out / "runs"),
+    )
+
+
+def run_quickstart(out: Path, num_samples: int = 6) -> SweepOutcome:
+    out.mkdir(parents=True, exist_ok=True)
+    exp = quickstart_config(out, num_samples)
+    counts = write_digits(exp.data.path)
+    _logger.info("[1/3] digits ready at %s (%d train / %d val)", exp.data.path, counts["train"], counts["val"])
+    (out / "quickstart.yaml").write_text(to_yaml(exp))
+    space = load_search_space(exp.sweep.search_space, exp)
+    _logger.info("[2/3] dense tiny ViT, then [3/3] a %d-trial DynamicViT sweep (config: %s)", num_samples, out / "quickstart.yaml")
+    return run_sweep(exp, space)

@@ -1,0 +1,159 @@
+"""Search spaces as data: a YAML mapping of parameter -> distribution, validated against the config.
+
+    keep_ratio:   {distribution: uniform, low: 0.5, high: 0.9}
+    train.lr:     {distribution: loguniform, low: 1.0e-4, high: 3.0e-3}
+    depth_choice: {distribution: choice, values: [4, 6]}
+    seed:         {distribution: int, low: 0, high: 9}        # inclusive bounds
+    gumbel_tau:   {distribution: fixed, value: 1.0}
+
+Keys are flat config keys (see ``orchestrator.config``): a method's fields bare, others
+``section.field``. Every bound and value is applied to the experiment config on load, so a key the
+method does not have, or a value its config rejects (``keep_ratio: 1.5``), fails before any trial.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from ray import tune
+
+from .config import ExperimentConfig, apply_overrides, canonical_key
+from .errors import ConfigError
+
+__all__ = ["Param", "SearchSpace", "load_search_space", "SHIPPED_DIR"]
+
+#: The search spaces shipped with prunetune, one YAML file per method.
+SHIPPED_DIR = Path(__file__).resolve().parent.parent / "search_spaces"
+
+Distribution = Literal["uniform", "loguniform", "int", "choice", "fixed"]
+_FIELDS = {
+    "uniform": {"low", "high"},
+    "loguniform": {"low", "high"},
+    "int": {"low", "high"},
+    "choice": {"values"},
+    "fixed": {"value"},
+}
+
+
+@dataclass(frozen=True)
+class Param:
+    """One searchable parameter."""
+
+    name: str
+    distribution: Distribution
+    low: float | None = None
+    high: float | None = None
+    values: tuple[Any, ...] = ()
+    value: Any = None
+
+    def candidates(self) -> list[Any]:
+        """Values that must all be valid for the config: the bounds, every choice, the fixed value."""
+        if self.distribution in ("uniform", "loguniform", "int"):
+            return [self.low, self.high]
+        if self.distribution == "choice":
+            return list(self.values)
+        return [self.value]
+
+    def to_tune(self) -> Any:
+        if self.distribution == "uniform":
+            return tune.uniform(self.low, self.high)
+        if self.distribution == "loguniform":
+            return tune.loguniform(self.low, self.high)
+        if self.distribution == "int":
+            return tune.randint(int(self.low), int(self.high) + 1)  # randint's upper bound is exclusive
+        if self.distribution == "choice":
+            return tune.choice(list(self.values))
+        return self.value
+
+
+@dataclass(frozen=True)
+class SearchSpace:
+    source: str
+    params: tuple[Param, ...]
+
+    def tune_space(self) -> dict[str, Any]:
+        """Sampled parameters as Tune domains (what Optuna searches)."""
+        return {p.name: p.to_tune() for p in self.params if p.distribution != "fixed"}
+
+    def fixed(self) -> dict[str, Any]:
+        return {p.name: p.value for p in self.params if p.distribution == "fixed"}
+
+    def names(self) -> list[str]:
+        return [p.name for p in self.params]
+
+
+def _parse_param(name: str, spec: Any, where: str) -> Param:
+    if not isinstance(spec, dict):
+        raise ConfigError(f"{where}: {name!r} must be a mapping with 'distribution', got {spec!r}")
+    dist = spec.get("distribution")
+    if dist not in _FIELDS:
+        raise ConfigError(f"{where}: {name!r} has unknown distribution {dist!r} (known: {', '.join(_FIELDS)})")
+    given = set(spec) - {"distribution"}
+    if given != _FIELDS[dist]:
+        missing, extra = _FIELDS[dist] - given, given - _FIELDS[dist]
+        what = f"missing {sorted(missing)}" if missing else f"unexpected {sorted(extra)}"
+        raise ConfigError(f"{where}: {name!r} ({dist}) {what}")
+    if dist in ("uniform", "loguniform", "int"):
+        low, high = spec["low"], spec["high"]
+        try:
+            low, high = float(low), float(high)
+        except (TypeError, ValueError):
+            raise ConfigError(f"{where}: {name!r} low/high must be numbers, got {spec['low']!r}, {spec['high']!r}") from None
+        if low > high:
+            raise ConfigError(f"{where}: {name!r} has low {low:g} > high {high:g}")
+        if dist == "loguniform" and low <= 0:
+            raise ConfigError(f"{where}: {name!r} loguniform needs low > 0, got {low:g}")
+        if dist == "int" and not (low.is_integer() and high.is_integer()):
+            raise ConfigError(f"{where}: {name!r} int bounds must be integers, got {low:g}, {high:g}")
+        return Param(name, dist, low=low, high=high)
+    if dist == "choice":
+        values = spec["values"]
+        if not isinstance(values, list) or not values:
+            raise ConfigError(f"{where}: {name!r} choice needs a non-empty list of values, got {values!r}")
+        return Param(name, dist, values=tuple(values))
+    return Param(name, dist, value=spec["value"])
+
+
+def resolve_search_space_path(ref: str, base: Path | None = None) -> Path:
+    """A search-space reference: a file path (relative to ``base``), or a shipped name like ``dynamicvit``."""
+    candidates = [Path(ref)]
+    if base is not None and not Path(ref).is_absolute():
+        candidates.insert(0, base / ref)
+    if "/" not in ref and not ref.endswith((".yaml", ".yml")):
+        candidates.append(SHIPPED_DIR / f"{ref}.yaml")
+    for path in candidates:
+        if path.is_file():
+            return path.resolve()
+    raise ConfigError(f"search space {ref!r} not found (a YAML file, or one of: {', '.join(shipped_names())})")
+
+
+def shipped_names() -> list[str]:
+    return sorted(p.stem for p in SHIPPED_DIR.glob("*.yaml"))
+
+
+def load_search_space(ref: str, exp: ExperimentConfig, base: Path | None = None) -> SearchSpace:
+    """Load, parse and validate the search space ``ref`` for experiment ``exp``."""
+    path = resolve_search_space_path(ref, base)
+    try:
+        data = yaml.safe_load(path.read_text())
+    except yaml.YAMLError:
+        raise ConfigError(f"search space {str(path)!r} is not valid YAML") from None
+    return parse_search_space(data, exp, str(path))
+
+
+def parse_search_space(data: Any, exp: ExperimentConfig, where: str) -> SearchSpace:
+    if not isinstance(data, dict) or not data:
+        raise ConfigError(f"{where}: a search space is a non-empty mapping of parameter -> distribution")
+    params = []
+    for raw_name, spec in data.items():
+        name = canonical_key(str(raw_name), exp)
+        param = _parse_param(name, spec, where)
+        for value in param.candidates():
+            try:
+                apply_overrides(exp, {name: value})
+            except ConfigError as e:
+                raise ConfigError(f"{where}: {raw_name!r}: {e}") from None
+        params.append(param)
+    return SearchSpace(where, tuple(params))

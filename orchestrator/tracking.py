@@ -1,0 +1,286 @@
+"""MLflow records: a parent run per sweep, a child run per trial, and the sweep's Pareto front.
+
+The only module that imports mlflow. It talks through ``MlflowClient(uri)`` (no process-global
+active run), so the sweep driver, Tune trial actors and Ray Train's controller can each log to the
+same runs by id. Param values and URIs pass through ``redact`` first: credentials never reach MLflow
+or the logs.
+"""
+from __future__ import annotations
+
+import csv
+import io
+import json
+import logging
+import os
+import re
+import time
+from pathlib import Path
+from typing import Any, Iterable, Sequence
+from urllib.parse import urlparse
+
+from .errors import TrackingError
+from .pareto import pareto_mask
+
+__all__ = [
+    "resolve_uri", "redact", "check_reachable", "Tracker", "ROLE_TAG", "TRIAL_TAG", "PARETO_TAG",
+]
+
+_logger = logging.getLogger(__name__)
+
+ROLE_TAG = "prunetune.role"  # sweep | trial | pretrain
+TRIAL_TAG = "prunetune.trial_id"
+SWEEP_TAG = "prunetune.sweep"
+SEARCHED_TAG = "prunetune.searched_params"
+OBJECTIVES_TAG = "prunetune.objectives"
+PARENT_TAG = "mlflow.parentRunId"
+PARETO_TAG = "pareto"
+_CREDENTIALS = re.compile(r"(://[^/:@\s]+:)[^@/\s]+@")
+_SECRET_KEYS = re.compile(r"(password|secret|credential|access_key|api_key|auth_token)", re.IGNORECASE)
+_MAX_PARAM_LEN = 6000
+
+
+def redact(text: str) -> str:
+    """Hide the password of any ``scheme://user:password@host`` inside ``text``."""
+    return _CREDENTIALS.sub(r"\1***@", text)
+
+
+def resolve_uri(uri: str | None) -> str:
+    """The tracking URI to use everywhere: ``uri``, else MLflow's default, with sqlite paths made absolute.
+
+    Ray workers run in other directories, so a relative ``sqlite:///mlflow.db`` must be pinned to
+    the directory the user ran prunetune from.
+    """
+    import mlflow
+
+    uri = uri or os.environ.get("MLFLOW_TRACKING_URI") or mlflow.get_tracking_uri()
+    if uri.startswith("sqlite:///") and not uri.startswith("sqlite:////"):
+        uri = "sqlite:///" + str(Path(uri[len("sqlite:///"):]).resolve())
+    return uri
+
+
+def check_reachable(uri: str, timeout: float = 5.0) -> None:
+    """Fail fast, in one line, if the tracking store at ``uri`` cannot be used.
+
+    Raises:
+        TrackingError: an unreachable or unhealthy server, or a sqlite file in a missing folder.
+    """
+    scheme = urlparse(uri).scheme
+    if scheme in ("http", "https"):
+        import requests
+
+        try:
+            response = requests.get(uri.rstrip("/") + "/health", timeout=timeout)
+        except requests.RequestException as e:
+            raise TrackingError(f"tracking server {redact(uri)!r} is unreachable ({type(e).__name__})") from None
+        if response.status_code != 200:
+            raise TrackingError(f"tracking server {redact(uri)!r} answered HTTP {response.status_code} on /health")
+        return
+    if scheme == "sqlite":
+        folder = Path(uri[len("sqlite:///"):]).parent
+        if not folder.is_dir():
+            raise TrackingError(f"tracking URI {redact(uri)!r}: folder {str(folder)!r} does not exist")
+        return
+    if scheme in ("", "file"):
+        raise TrackingError(f"tracking URI {redact(uri)!r}: MLflow 3 needs a database or server URI, e.g. sqlite:///mlflow.db")
+    try:  # postgresql://, mysql://, databricks ...
+        _client(uri).search_experiments(max_results=1)
+    except Exception as e:
+        raise TrackingError(f"tracking store {redact(uri)!r} is unreachable ({type(e).__name__})") from None
+
+
+def _client(uri: str):
+    from mlflow import MlflowClient
+
+    return MlflowClient(tracking_uri=uri)
+
+
+def _param_value(key: str, value: Any) -> str:
+    text = "***" if _SECRET_KEYS.search(key) and value else redact(json.dumps(value) if isinstance(value, (list, tuple, dict)) else str(value))
+    return text[:_MAX_PARAM_LEN]
+
+
+def _chunks(items: list, n: int) -> Iterable[list]:
+    for i in range(0, len(items), n):
+        yield items[i:i + n]
+
+
+class Tracker:
+    """MLflow access for one experiment (picklable: holds only the URI and the experiment name)."""
+
+    def __init__(self, uri: str, experiment: str) -> None:
+        self.uri = uri
+        self.experiment = experiment
+
+    @property
+    def client(self):
+        return _client(self.uri)
+
+    def experiment_id(self, create: bool = True) -> str:
+        exp = self.client.get_experiment_by_name(self.experiment)
+        if exp is not None:
+            return exp.experiment_id
+        if not create:
+            raise TrackingError(f"experiment {self.experiment!r} not found in tracking store {redact(self.uri)!r}")
+        return self.client.create_experiment(self.experiment)
+
+    # ---- runs -------------------------------------------------------------------------------------
+
+    def start_run(self, name: str, params: dict[str, Any], tags: dict[str, str], parent_id: str | None = None) -> str:
+        """Create a run with ``params`` and ``tags`` (nested under ``parent_id`` if given); returns its id."""
+        tags = dict(tags)
+        if parent_id:
+            tags[PARENT_TAG] = parent_id
+        run = self.client.create_run(self.experiment_id(), run_name=name, tags=tags)
+        self.log_params(run.info.run_id, params)
+        return run.info.run_id
+
+    def find_trial_run(self, parent_id: str, trial_id: str) -> str | None:
+        """The child run of a trial already started once (a restarted trial keeps its run)."""
+        runs = self.client.search_runs(
+            [self.experiment_id()],
+            filter_string=f"tags.`{PARENT_TAG}` = '{parent_id}' AND tags.`{TRIAL_TAG}` = '{trial_id}'",
+            max_results=1,
+        )
+        return runs[0].info.run_id if runs else None
+
+    def log_params(self, run_id: str, params: dict[str, Any]) -> None:
+        from mlflow.entities import Param
+
+        items = [Param(k, _param_value(k, v)) for k, v in sorted(params.items())]
+        for chunk in _chunks(items, 100):
+            self.client.log_batch(run_id, params=chunk)
+
+    def log_metrics(self, run_id: str, metrics: dict[str, Any], step: int = 0) -> None:
+        from mlflow.entities import Metric
+
+        now = int(time.time() * 1000)
+        items = [
+            Metric(k, float(v), now, step) for k, v in sorted(metrics.items())
+            if isinstance(v, (int, float)) and not isinstance(v, bool)
+        ]
+        for chunk in _chunks(items, 1000):
+            self.client.log_batch(run_id, metrics=chunk)
+
+    def set_tags(self, run_id: str, tags: dict[str, Any]) -> None:
+        from mlflow.entities import RunTag
+
+        self.client.log_batch(run_id, tags=[RunTag(k, redact(str(v))) for k, v in tags.items()])
+
+    def end_run(self, run_id: str, status: str = "FINISHED") -> None:
+        self.client.set_terminated(run_id, status=status)
+
+    def children(self, parent_id: str) -> list:
+        runs, token = [], None
+        while True:
+            page = self.client.search_runs(
+                [self.experiment_id()], filter_string=f"tags.`{PARENT_TAG}` = '{parent_id}'",
+                max_results=1000, page_token=token,
+            )
+            runs.extend(page)
+            token = page.token
+            if not token:
+                return runs
+
+    # ---- the Pareto front ---------------------------------------------------------------------------
+
+    def finalize_sweep(self, parent_id: str, objectives: Sequence[tuple[str, str]], status: str = "FINISHED") -> list[dict]:
+        """Tag every trial ``pareto`` true/false, attach the front (table + plot) to the parent, end it.
+
+        Trials still marked RUNNING (stopped early by ASHA, or lost) are ended as KILLED first; they
+        have no final measurement and so are never on the front.
+        """
+        runs = [r for r in self.children(parent_id) if r.data.tags.get(ROLE_TAG) == "trial"]
+        for r in runs:
+            if r.info.status == "RUNNING":
+                self.end_run(r.info.run_id, "KILLED")
+        mask = pareto_mask([r.data.metrics if r.info.status == "FINISHED" else {} for r in runs], objectives)
+        for r, on_front in zip(runs, mask):
+            self.set_tags(r.info.run_id, {PARETO_TAG: "true" if on_front else "false"})
+        searched = (self.client.get_run(parent_id).data.tags.get(SEARCHED_TAG) or "").split(",")
+        rows = [_row(r, searched) for r, on in zip(runs, mask) if on]
+        rows.sort(key=lambda row: row["metrics"].get(objectives[-1][0], 0.0))
+        all_rows = [_row(r, searched) for r in runs]
+        self._log_front_artifacts(parent_id, rows, all_rows, objectives)
+        best = [r["metrics"].get("val_top1") for r in rows if r["metrics"].get("val_top1") is not None]
+        summary = {"pareto_size": len(rows), "trials": len(runs), "trials_finished": sum(r.info.status == "FINISHED" for r in runs)}
+        if best:
+            summary["best_val_top1"] = max(best)
+        self.log_metrics(parent_id, summary)
+        self.end_run(parent_id, status)
+        return rows
+
+    def _log_front_artifacts(self, parent_id: str, rows: list[dict], all_rows: list[dict], objectives) -> None:
+        table = [{"run_id": r["run_id"], "run_name": r["run_name"], **r["params"], **r["metrics"]} for r in rows]
+        if table:
+            self.client.log_table(parent_id, data=_columns(table), artifact_file="pareto_front.json")
+            buf = io.StringIO()
+            writer = csv.DictWriter(buf, fieldnames=list(_columns(table)))
+            writer.writeheader()
+            writer.writerows(table)
+            self.client.log_text(parent_id, buf.getvalue(), "pareto_front.csv")
+        self.client.log_figure(parent_id, _front_figure(rows, all_rows, objectives), "pareto_front.png")
+
+    def latest_sweep(self, sweep_run_id: str | None = None):
+        """The sweep parent run ``sweep_run_id``, or the experiment's most recent one."""
+        exp_id = self.experiment_id(create=False)
+        if sweep_run_id:
+            return self.client.get_run(sweep_run_id)
+        runs = self.client.search_runs(
+            [exp_id], filter_string=f"tags.`{ROLE_TAG}` = 'sweep'", max_results=1, order_by=["attributes.start_time DESC"]
+        )
+        if not runs:
+            raise TrackingError(f"experiment {self.experiment!r} has no prunetune sweep")
+        return runs[0]
+
+    def read_front(self, sweep_run_id: str | None = None) -> tuple[Any, list[dict]]:
+        """The sweep's parent run and its Pareto-front rows, read back from MLflow."""
+        parent = self.latest_sweep(sweep_run_id)
+        searched = (parent.data.tags.get(SEARCHED_TAG) or "").split(",")
+        runs = [r for r in self.children(parent.info.run_id) if r.data.tags.get(PARETO_TAG) == "true"]
+        objectives = json.loads(parent.data.tags.get(OBJECTIVES_TAG) or "[]")
+        rows = [_row(r, searched) for r in runs]
+        if objectives:
+            rows.sort(key=lambda row: row["metrics"].get(objectives[-1][0], 0.0))
+        return parent, rows
+
+
+_FINAL_METRICS = (
+    "val_top1", "val_top5", "latency_ms", "throughput_ips", "dense_latency_ms", "dense_throughput_ips",
+    "speedup", "throughput_ratio", "gflops", "dense_gflops",
+)
+
+
+def _row(run, searched: list[str]) -> dict:
+    params = {k: run.data.params[k] for k in searched if k in run.data.params}
+    metrics = {k: run.data.metrics[k] for k in _FINAL_METRICS if k in run.data.metrics}
+    return {"run_id": run.info.run_id, "run_name": run.info.run_name, "status": run.info.status, "params": params, "metrics": metrics}
+
+
+def _columns(table: list[dict]) -> dict[str, list]:
+    keys = list(dict.fromkeys(k for row in table for k in row))
+    return {k: [row.get(k) for row in table] for k in keys}
+
+
+def _front_figure(front: list[dict], everything: list[dict], objectives):
+    """Accuracy vs latency: every finished trial, the front highlighted, the dense baseline marked."""
+    from matplotlib.figure import Figure
+
+    x_key, y_key = "latency_ms", "val_top1"
+    fig = Figure(figsize=(6.4, 4.8), dpi=100)
+    ax = fig.add_subplot()
+    pts = [(r["metrics"][x_key], r["metrics"][y_key]) for r in everything if x_key in r["metrics"] and y_key in r["metrics"]]
+    if pts:
+        ax.scatter(*zip(*pts), c="lightgray", edgecolors="gray", label="trials")
+    fr = sorted((r["metrics"][x_key], r["metrics"][y_key]) for r in front if x_key in r["metrics"] and y_key in r["metrics"])
+    if fr:
+        ax.plot(*zip(*fr), "o-", color="tab:red", label="Pareto front")
+    dense = [r["metrics"]["dense_latency_ms"] for r in everything if "dense_latency_ms" in r["metrics"]]
+    if dense:
+        ax.axvline(sorted(dense)[len(dense) // 2], color="tab:blue", ls="--", label="dense latency (median)")
+    ax.set_xlabel("latency (ms, batch 1)")
+    ax.set_ylabel("val top-1 (%)")
+    ax.set_title("objectives: " + ", ".join(f"{m} ({d})" for m, d in objectives))
+    ax.grid(alpha=0.3)
+    ax.legend(loc="lower right")
+    fig.tight_layout()
+    return fig

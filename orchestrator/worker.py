@@ -1,0 +1,75 @@
+"""The per-worker function of a Ray Train run: the only place that calls ``ray.train.*`` from a rank.
+
+Each rank builds its run (``loop.build_run``), resumes from the run's latest checkpoint (or the
+configured ``init_checkpoint`` when there is none yet), lets Ray Train wrap the model in DDP, and
+trains. Every epoch, rank 0 writes a checkpoint directory and all ranks call ``ray.train.report``.
+"""
+from __future__ import annotations
+
+import logging
+import tempfile
+from pathlib import Path
+from typing import Any
+
+import ray.train
+import ray.train.torch
+import torch
+
+from . import loop, storage
+from .config import ExperimentConfig
+
+__all__ = ["train_fn_per_worker", "STATE_FILE"]
+
+STATE_FILE = "state.pt"
+_logger = logging.getLogger(__name__)
+
+
+def _load_state(path: str | Path) -> dict[str, Any]:
+    return torch.load(path, map_location="cpu", weights_only=True)
+
+
+def _start_state(exp: ExperimentConfig, stage: str) -> dict[str, Any] | None:
+    """The run's own latest checkpoint, else the stage's ``init_checkpoint``, else None."""
+    checkpoint = ray.train.get_checkpoint()
+    if checkpoint is not None:
+        with checkpoint.as_directory() as d:
+            return _load_state(Path(d) / STATE_FILE)
+    init = (exp.pretrain if stage == "pretrain" else exp.train).init_checkpoint
+    if init:
+        return _load_state(storage.fetch(init))
+    return None
+
+
+def _report(metrics: dict[str, float], state: dict[str, Any] | None) -> None:
+    if state is None:
+        ray.train.report(metrics)
+        return
+    with tempfile.TemporaryDirectory() as d:
+        torch.save(state, Path(d) / STATE_FILE)
+        ray.train.report(
+            metrics,
+            checkpoint=ray.train.Checkpoint.from_directory(d),
+            checkpoint_dir_name=f"checkpoint_epoch_{int(metrics['epoch']):04d}",
+        )
+
+
+def train_fn_per_worker(config: dict[str, Any]) -> None:
+    """Ray Train entry point. ``config``: ``experiment`` (ExperimentConfig), ``stage`` (pretrain|trial)."""
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
+    exp: ExperimentConfig = config["experiment"]
+    stage: str = config["stage"]
+    ctx = ray.train.get_context()
+    rank, world = ctx.get_world_rank(), ctx.get_world_size()
+    device = ray.train.torch.get_device()
+    if device.type == "cpu":
+        torch.set_num_threads(max(1, int(exp.resources.cpus_per_worker)))
+    pretrained = str(storage.fetch(exp.model.pretrained)) if stage == "trial" and exp.model.pretrained else None
+
+    run = loop.build_run(exp, stage, device, rank, world, pretrained)
+    state = _start_state(exp, stage)
+    if state is not None:
+        loop.restore(run, state)
+    run.model = ray.train.torch.prepare_model(
+        run.raw, parallel_strategy_kwargs={"find_unused_parameters": run.method.find_unused_parameters}
+    )
+    loop.fit(run, _report)
