@@ -17,6 +17,7 @@ each trial rebuilds its typed config from the experiment plus its sampled values
 from __future__ import annotations
 
 import dataclasses
+import functools
 import os
 import types
 import typing
@@ -24,9 +25,10 @@ from dataclasses import dataclass, field, fields, is_dataclass, replace
 from pathlib import Path
 from typing import Any, Literal, Union
 
+import torch
 import yaml
 
-from methods import BackboneConfig, MeasureConfig, MethodConfig, UnknownMethodError, get_method
+from methods import BackboneConfig, create_backbone, MeasureConfig, MethodConfig, UnknownMethodError, get_method
 
 from .errors import ConfigError
 
@@ -172,6 +174,14 @@ class ExperimentConfig:
     tracking: TrackingConfig = field(default_factory=TrackingConfig)
     storage_path: str = "prunetune_runs"
 
+    def __post_init__(self) -> None:
+        # The field default (a bare MethodConfig) stands for the defaults of ``method``'s own config.
+        if type(self.method_config) is MethodConfig:
+            try:
+                object.__setattr__(self, "method_config", get_method(self.method).config_cls())
+            except UnknownMethodError as e:
+                raise ValueError(str(e)) from None
+
 
 _SECTIONS = {f.name for f in fields(ExperimentConfig)} - {"name", "method", "method_config", "storage_path"}
 
@@ -287,12 +297,23 @@ def _validated(exp: ExperimentConfig, where: str) -> ExperimentConfig:
         get_method(exp.method)
     except UnknownMethodError as e:
         raise ConfigError(f"{where}: {e}") from None
-    if exp.model.depth is not None:
-        try:
-            exp.method_config.validate_for(exp.model.depth)
-        except ValueError as e:
-            raise ConfigError(f"{where}: method: {e}") from None
+    try:
+        exp.method_config.validate_for(_backbone_depth(exp.model))
+    except ValueError as e:
+        raise ConfigError(f"{where}: {e}") from None
     return exp
+
+
+@functools.lru_cache(maxsize=64)
+def _backbone_depth(model: BackboneConfig) -> int:
+    """Blocks of the configured backbone: the override, else timm's (built on the meta device: no memory, no init)."""
+    if model.depth is not None:
+        return model.depth
+    try:
+        with torch.device("meta"):
+            return len(create_backbone(replace(model, pretrained=None)).blocks)
+    except (ValueError, NotImplementedError, RuntimeError) as e:
+        raise ValueError(f"model: {e}") from None
 
 
 def load_experiment(path: str | Path, overrides: dict[str, Any] | None = None) -> ExperimentConfig:
@@ -317,15 +338,20 @@ def _is_remote(uri: str) -> bool:
 
 
 def resolve_paths(exp: ExperimentConfig, base: Path) -> ExperimentConfig:
-    """Make local paths absolute (Ray workers run elsewhere): data, storage, pretrained, checkpoints."""
+    """Make local paths absolute against ``base`` (Ray workers run elsewhere): data, storage,
+    pretrained weights, init checkpoints and a sqlite tracking store."""
 
     def absolute(p: str | None) -> str | None:
         if not p or _is_remote(p):
             return p
         return str((base / os.path.expanduser(p)).resolve())
 
+    uri = exp.tracking.uri
+    if uri and uri.startswith("sqlite:///") and not uri.startswith("sqlite:////"):
+        uri = "sqlite:///" + absolute(uri[len("sqlite:///"):])
     return replace(
         exp,
+        tracking=replace(exp.tracking, uri=uri),
         storage_path=absolute(exp.storage_path),
         data=replace(exp.data, path=absolute(exp.data.path) or ""),
         model=replace(exp.model, pretrained=absolute(exp.model.pretrained)),
@@ -395,7 +421,7 @@ def apply_overrides(exp: ExperimentConfig, overrides: dict[str, Any]) -> Experim
     for section, updates in section_updates.items():
         current = dataclasses.asdict(getattr(exp, section))
         for dotted, value in updates.items():
-            _set_nested(current, dotted.split("."), value, f"{section}.{dotted}")
+            _set_nested(current, dotted.split("."), value, f"{section}.{dotted}", type(getattr(exp, section)))
         cls = type(getattr(exp, section))
         exp = replace(exp, **{section: build_dataclass(cls, current, section)})
     if top:
@@ -403,19 +429,27 @@ def apply_overrides(exp: ExperimentConfig, overrides: dict[str, Any]) -> Experim
     return _validated(exp, "overrides")
 
 
-def _set_nested(d: dict, parts: list[str], value: Any, where: str) -> None:
-    fresh = False  # a section that was None (e.g. sweep.asha) takes any key; its dataclass validates them
+def _set_nested(d: dict, parts: list[str], value: Any, where: str, cls: Any) -> None:
     for part in parts[:-1]:
-        if part not in d and not fresh:
+        if part not in d:
             raise ConfigError(f"unknown parameter {where!r}")
-        if d.get(part) is None:
-            d[part], fresh = {}, True
+        sub = _dataclass_field_type(cls, part)
+        if d[part] is None and sub is not None:  # an optional section that is off (sweep.asha): start from its defaults
+            d[part] = dataclasses.asdict(sub())
         if not isinstance(d[part], dict):
             raise ConfigError(f"unknown parameter {where!r}")
-        d = d[part]
-    if parts[-1] not in d and not fresh:
+        d, cls = d[part], sub
+    if parts[-1] not in d:
         raise ConfigError(f"unknown parameter {where!r}")
     d[parts[-1]] = value
+
+
+def _dataclass_field_type(cls: Any, name: str) -> type | None:
+    """The dataclass type of field ``name`` of dataclass ``cls`` (``X | None`` gives ``X``), else None."""
+    if cls is None or not is_dataclass(cls):
+        return None
+    tp = typing.get_type_hints(cls).get(name)
+    return next((a for a in (typing.get_args(tp) or (tp,)) if is_dataclass(a)), None)
 
 
 def parse_set_args(items: list[str] | None) -> dict[str, Any]:

@@ -69,8 +69,10 @@ def check_image_folder(root: str | Path) -> dict[str, int]:
     Raises:
         DataError: missing folder or split, no class folders, an empty class, or train/val classes differ.
     """
-    root = Path(root) if root else Path("")
-    if not str(root) or not root.is_dir():
+    if not root:  # Path("") would be the working directory
+        raise DataError("no data folder given (set data.path in the config)")
+    root = Path(root)
+    if not root.is_dir():
         raise DataError(f"data folder {str(root)!r} does not exist")
     counts, classes = {}, {}
     for split in SPLITS:

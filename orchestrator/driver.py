@@ -84,7 +84,7 @@ def run_trial(config: dict[str, Any]) -> None:
     values, flat keys), ``fixed``, ``parent_run_id``, ``tracking_uri``, ``sweep_name`` and
     ``storage_path`` (the sweep's folder for Train runs).
     """
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
+    worker.configure_logging()
     exp = apply_overrides(config["experiment"], {**config["fixed"], **config["params"]})
     trial_id = tune.get_context().get_trial_id()
     tracker = Tracker(config["tracking_uri"], exp.tracking.experiment)

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import math
+import numbers
 from typing import Mapping, Sequence
 
 __all__ = ["dominates", "pareto_mask"]
@@ -12,7 +13,7 @@ def _values(point: Mapping[str, float], objectives: Sequence[tuple[str, str]]) -
     out = []
     for metric, mode in objectives:
         v = point.get(metric)
-        if v is None or not isinstance(v, (int, float)) or math.isnan(v):
+        if not isinstance(v, numbers.Real) or math.isnan(v):  # Real: numpy scalars count too
             return None
         out.append(float(v) if mode == "max" else -float(v))
     return out

@@ -12,6 +12,7 @@ method does not have, or a value its config rejects (``keep_ratio: 1.5``), fails
 """
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
@@ -50,8 +51,11 @@ class Param:
 
     def candidates(self) -> list[Any]:
         """Values that must all be valid for the config: the bounds, every choice, the fixed value."""
-        if self.distribution in ("uniform", "loguniform", "int"):
+        if self.distribution == "int":
             return [self.low, self.high]
+        if self.distribution in ("uniform", "loguniform"):
+            # and a non-integer interior value: a continuous range over an int field must fail here, not in every trial
+            return [self.low, self.low + (self.high - self.low) / math.pi, self.high]
         if self.distribution == "choice":
             return list(self.values)
         return [self.value]

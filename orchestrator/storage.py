@@ -80,12 +80,13 @@ def upload(local: str | Path, uri: str) -> str:
         tmp.write_bytes(Path(local).read_bytes())
         tmp.replace(dest)
         return uri
+    from boto3.exceptions import S3UploadFailedError
     from botocore.exceptions import BotoCoreError, ClientError
 
     bucket, key = _split(uri)
     try:
         _client().upload_file(str(local), bucket, key)
-    except (BotoCoreError, ClientError) as e:
+    except (BotoCoreError, ClientError, S3UploadFailedError) as e:  # upload_file wraps ClientError in S3UploadFailedError
         raise UserError(f"cannot write {uri!r}: {_short(e)}") from None
     return uri
 

@@ -33,12 +33,11 @@ _logger = logging.getLogger(__name__)
 _PARAMS = "params"
 _DRIVER_MEMORY = 512 * 1024**2
 
-#: Non-secret settings every Ray process needs. Secrets reach workers through the environment of
-#: the nodes (pods), never through runtime_env, which the dashboard and logs show.
-_RUNTIME_ENV_VARS = {
+#: Settings the sweep's driver process needs (the Tune controller runs there). They are set in this
+#: process's environment, which a local Ray inherits; ray.init gets no runtime_env, so a
+#: ``ray job submit`` job keeps its own (working dir, pip) and secrets never pass through one.
+_DRIVER_ENV = {
     "TUNE_DISABLE_STRICT_METRIC_CHECKING": "1",  # per-epoch reports lack the final latency metrics
-    "RAY_CHDIR_TO_TRIAL_DIR": "0",
-    "PYTHONWARNINGS": "ignore::DeprecationWarning",
 }
 
 
@@ -55,16 +54,10 @@ class SweepOutcome:
 
 def init_ray(address: str | None = None) -> None:
     """Connect to the cluster (``address``, ``RAY_ADDRESS`` or a ``ray job submit`` job), else start Ray locally."""
-    os.environ.update(_RUNTIME_ENV_VARS)  # the local driver, and Ray processes it starts, inherit these
+    os.environ.update(_DRIVER_ENV)
     if ray.is_initialized():
         return
-    address = address or os.environ.get("RAY_ADDRESS")
-    ray.init(
-        address=address,
-        runtime_env={"env_vars": _RUNTIME_ENV_VARS},
-        logging_level=logging.WARNING,
-        log_to_driver=True,
-    )
+    ray.init(address=address or os.environ.get("RAY_ADDRESS"), logging_level=logging.WARNING)
 
 
 def _check_pretrained(exp: ExperimentConfig) -> None:

@@ -34,7 +34,7 @@ SEARCHED_TAG = "prunetune.searched_params"
 OBJECTIVES_TAG = "prunetune.objectives"
 PARENT_TAG = "mlflow.parentRunId"
 PARETO_TAG = "pareto"
-_CREDENTIALS = re.compile(r"(://[^/:@\s]+:)[^@/\s]+@")
+_CREDENTIALS = re.compile(r"(://[^/:@\s]*:)[^@/\s]+@")  # the user may be empty: redis://:pw@host
 _SECRET_KEYS = re.compile(r"(password|secret|credential|access_key|api_key|auth_token)", re.IGNORECASE)
 _MAX_PARAM_LEN = 6000
 
@@ -94,6 +94,14 @@ def _client(uri: str):
     return MlflowClient(tracking_uri=uri)
 
 
+def _artifact_location(uri: str) -> str | None:
+    """Artifacts of a sqlite store live beside the database (``mlartifacts/``), not in the working
+    directory; servers and other stores keep their own default."""
+    if urlparse(uri).scheme != "sqlite":
+        return None
+    return (Path(uri[len("sqlite:///"):]).parent / "mlartifacts").as_uri()
+
+
 def _param_value(key: str, value: Any) -> str:
     text = "***" if _SECRET_KEYS.search(key) and value else redact(json.dumps(value) if isinstance(value, (list, tuple, dict)) else str(value))
     return text[:_MAX_PARAM_LEN]
@@ -121,7 +129,7 @@ class Tracker:
             return exp.experiment_id
         if not create:
             raise TrackingError(f"experiment {self.experiment!r} not found in tracking store {redact(self.uri)!r}")
-        return self.client.create_experiment(self.experiment)
+        return self.client.create_experiment(self.experiment, artifact_location=_artifact_location(self.uri))
 
     # ---- runs -------------------------------------------------------------------------------------
 
@@ -261,26 +269,40 @@ def _columns(table: list[dict]) -> dict[str, list]:
     return {k: [row.get(k) for row in table] for k in keys}
 
 
+_AXIS_LABELS = {
+    "val_top1": "val top-1 (%)", "val_top5": "val top-5 (%)", "latency_ms": "latency (ms, batch 1)",
+    "throughput_ips": "throughput (images/s)", "speedup": "latency speed-up vs dense", "gflops": "GFLOPs (MACs)",
+    "throughput_ratio": "throughput vs dense",
+}
+_DENSE_METRIC = {"latency_ms": "dense_latency_ms", "throughput_ips": "dense_throughput_ips", "gflops": "dense_gflops"}
+
+
 def _front_figure(front: list[dict], everything: list[dict], objectives):
-    """Accuracy vs latency: every finished trial, the front highlighted, the dense baseline marked."""
+    """Accuracy against the sweep's cost objective (latency by default): every finished trial grey,
+    the front in red, the dense baseline's figure as a dashed line."""
     from matplotlib.figure import Figure
 
-    x_key, y_key = "latency_ms", "val_top1"
+    metrics = [m for m, _ in objectives]
+    y_key = "val_top1" if "val_top1" in metrics or len(metrics) < 2 else metrics[0]
+    x_key = next((m for m in metrics if m != y_key), "latency_ms")
     fig = Figure(figsize=(6.4, 4.8), dpi=100)
     ax = fig.add_subplot()
-    pts = [(r["metrics"][x_key], r["metrics"][y_key]) for r in everything if x_key in r["metrics"] and y_key in r["metrics"]]
-    if pts:
+
+    def xy(rows):
+        return sorted((r["metrics"][x_key], r["metrics"][y_key]) for r in rows if x_key in r["metrics"] and y_key in r["metrics"])
+
+    if pts := xy(everything):
         ax.scatter(*zip(*pts), c="lightgray", edgecolors="gray", label="trials")
-    fr = sorted((r["metrics"][x_key], r["metrics"][y_key]) for r in front if x_key in r["metrics"] and y_key in r["metrics"])
-    if fr:
+    if fr := xy(front):
         ax.plot(*zip(*fr), "o-", color="tab:red", label="Pareto front")
-    dense = [r["metrics"]["dense_latency_ms"] for r in everything if "dense_latency_ms" in r["metrics"]]
+    dense = sorted(r["metrics"][_DENSE_METRIC[x_key]] for r in everything if _DENSE_METRIC.get(x_key) in r["metrics"])
     if dense:
-        ax.axvline(sorted(dense)[len(dense) // 2], color="tab:blue", ls="--", label="dense latency (median)")
-    ax.set_xlabel("latency (ms, batch 1)")
-    ax.set_ylabel("val top-1 (%)")
+        ax.axvline(dense[len(dense) // 2], color="tab:blue", ls="--", label="dense backbone")
+    ax.set_xlabel(_AXIS_LABELS.get(x_key, x_key))
+    ax.set_ylabel(_AXIS_LABELS.get(y_key, y_key))
     ax.set_title("objectives: " + ", ".join(f"{m} ({d})" for m, d in objectives))
     ax.grid(alpha=0.3)
-    ax.legend(loc="lower right")
+    if ax.get_legend_handles_labels()[0]:  # an empty sweep has nothing to label
+        ax.legend(loc="best")
     fig.tight_layout()
     return fig

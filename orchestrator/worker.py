@@ -18,10 +18,22 @@ import torch
 from . import loop, storage
 from .config import ExperimentConfig
 
-__all__ = ["train_fn_per_worker", "STATE_FILE"]
+__all__ = ["train_fn_per_worker", "configure_logging", "STATE_FILE"]
 
 STATE_FILE = "state.pt"
 _logger = logging.getLogger(__name__)
+
+
+def configure_logging() -> None:
+    """prunetune's own INFO lines in a Ray process (epochs, measurements), without Ray's per-report INFO."""
+    handler = logging.StreamHandler()
+    handler.setFormatter(logging.Formatter("%(asctime)s %(name)s: %(message)s", "%H:%M:%S"))
+    for name in ("orchestrator", "methods"):
+        logger = logging.getLogger(name)
+        if not logger.handlers:
+            logger.addHandler(handler)
+            logger.setLevel(logging.INFO)
+            logger.propagate = False
 
 
 def _load_state(path: str | Path) -> dict[str, Any]:
@@ -55,7 +67,7 @@ def _report(metrics: dict[str, float], state: dict[str, Any] | None) -> None:
 
 def train_fn_per_worker(config: dict[str, Any]) -> None:
     """Ray Train entry point. ``config``: ``experiment`` (ExperimentConfig), ``stage`` (pretrain|trial)."""
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
+    configure_logging()
     exp: ExperimentConfig = config["experiment"]
     stage: str = config["stage"]
     ctx = ray.train.get_context()

@@ -42,3 +42,9 @@ def tiny_vit(make_tiny_vit) -> torch.nn.Module:
 def rng() -> torch.Generator:
     """A CPU generator seeded with 0, for synthetic inputs independent of the global RNG."""
     return torch.Generator().manual_seed(0)
+
+
+@pytest.fixture
+def mlflow_tmp(tmp_path) -> str:
+    """A fresh MLflow tracking URI: a sqlite file under ``tmp_path`` (MLflow 3.13+ refuses the old file store)."""
+    return f"sqlite:///{tmp_path}/mlflow.db"

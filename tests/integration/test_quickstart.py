@@ -1,0 +1,61 @@
+"""The README's first command, as a new user runs it: ``prunetune quickstart`` end to end.
+
+It must reach at least 90% top-1 on the digits' val split with its best trial, write everything
+under ``--out``, print the front and how to browse it, and reuse the dense model on a second run.
+The wall time is printed (a figure, not an assertion: timing targets belong to benchmarks).
+"""
+from __future__ import annotations
+
+import time
+
+import pytest
+from mlflow import MlflowClient
+
+pytestmark = pytest.mark.integration
+
+
+@pytest.fixture(scope="module")
+def quickstart(tmp_path_factory, run_cli):
+    cwd = tmp_path_factory.mktemp("qs")
+    start = time.perf_counter()
+    proc = run_cli("quickstart", "--out", "qs", cwd=cwd, timeout=1500)
+    elapsed = time.perf_counter() - start
+    print(f"\nquickstart wall time: {elapsed:.0f} s")
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-5000:]
+    return cwd / "qs", proc
+
+
+def test_quickstart_reaches_90_percent(quickstart):
+    out, proc = quickstart
+    client = MlflowClient(f"sqlite:///{out / 'mlflow.db'}")
+    exp = client.get_experiment_by_name("prunetune-quickstart")
+    trials = client.search_runs([exp.experiment_id], filter_string="tags.`prunetune.role` = 'trial'")
+    assert len(trials) >= 6
+    assert all(t.info.status == "FINISHED" for t in trials)
+    best = max(t.data.metrics["val_top1"] for t in trials)
+    print(f"best val_top1 {best:.2f}%; speedups {sorted(round(t.data.metrics['speedup'], 2) for t in trials)}; "
+          f"throughput ratios {sorted(round(t.data.metrics['throughput_ratio'], 2) for t in trials)}")
+    assert best >= 90.0
+    front = [t for t in trials if t.data.tags["pareto"] == "true"]
+    assert front
+    assert "Pareto front" in proc.stdout
+    assert f"mlflow ui --backend-store-uri sqlite:///{out.resolve() / 'mlflow.db'}" in proc.stdout
+
+
+def test_quickstart_writes_only_under_out(quickstart):
+    out, _ = quickstart
+    assert {p.name for p in out.parent.iterdir()} == {"qs"}
+    assert (out / "data" / "digits" / "train").is_dir()
+    assert (out / "quickstart.yaml").is_file()
+    assert list((out / "runs").glob("pretrain_*/dense_backbone.pt"))
+
+
+def test_second_quickstart_reuses_dense_model(quickstart, run_cli):
+    out, _ = quickstart
+    proc = run_cli("quickstart", "--out", "qs", "--num-samples", "1", cwd=out.parent, timeout=900)
+    assert proc.returncode == 0, proc.stderr[-5000:]
+    assert "reusing the dense" in proc.stderr
+    client = MlflowClient(f"sqlite:///{out / 'mlflow.db'}")
+    exp = client.get_experiment_by_name("prunetune-quickstart")
+    assert len(client.search_runs([exp.experiment_id], filter_string="tags.`prunetune.role` = 'pretrain'")) == 1
+    assert len(client.search_runs([exp.experiment_id], filter_string="tags.`prunetune.role` = 'sweep'")) == 2

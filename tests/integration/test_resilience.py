@@ -1,0 +1,85 @@
+"""Trials survive a killed worker (Ray Train restarts them from their latest checkpoint), and ASHA's
+early-stopped trials are recorded as such and kept off the Pareto front."""
+from __future__ import annotations
+
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import yaml
+from mlflow import MlflowClient
+
+pytestmark = pytest.mark.integration
+
+
+def _dense_config(tmp_path: Path, digits_dir: Path, **sweep) -> Path:
+    cfg = {
+        "name": "it-dense",
+        "method": "dense",
+        "model": {"name": "vit_tiny_patch16_224", "img_size": 32, "patch_size": 4, "depth": 4, "embed_dim": 64, "num_heads": 2, "num_classes": 10},
+        "data": {"path": str(digits_dir), "hflip": 0.0, "scale": [0.8, 1.0], "color_jitter": None, "crop_pct": 1.0, "loader_workers": 0},
+        "train": {"epochs": 3, "batch_size": 64, "lr": 2.0e-3, "amp": False},
+        "resources": {"num_workers": 1, "cpus_per_worker": 1, "max_failures": 1},
+        "sweep": {"search_space": "dense", "max_concurrent_trials": 1, **sweep},
+        "measure": {"batch_size": 8, "warmup": 1, "iters": 3, "rounds": 1},
+        "tracking": {"uri": f"sqlite:///{tmp_path / 'mlflow.db'}", "experiment": "it-dense"},
+        "storage_path": str(tmp_path / "runs"),
+    }
+    path = tmp_path / "sweep.yaml"
+    path.write_text(yaml.safe_dump(cfg))
+    return path
+
+
+def _trials(tmp_path: Path):
+    client = MlflowClient(f"sqlite:///{tmp_path / 'mlflow.db'}")
+    exp = client.get_experiment_by_name("it-dense")
+    return client, client.search_runs([exp.experiment_id], filter_string="tags.`prunetune.role` = 'trial'")
+
+
+def test_killed_worker_resumes_from_latest_checkpoint(tmp_path, digits_dir):
+    config = _dense_config(tmp_path, digits_dir, num_samples=1)
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "orchestrator.cli", "sweep", str(config), "--name", "resume"],
+        cwd=tmp_path, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+    )
+    first = tmp_path / "runs" / "resume"
+    deadline = time.time() + 300
+    while not list(first.glob("trial_*/checkpoint_epoch_0000/state.pt")):
+        assert proc.poll() is None and time.time() < deadline, "the trial never wrote its first checkpoint"
+        time.sleep(0.2)
+    killed = subprocess.run(["pkill", "-9", "-f", "ray::RayTrainWorker"], check=False).returncode == 0
+    out, err = proc.communicate(timeout=600)
+    assert proc.returncode == 0, err[-5000:]
+    assert killed
+    assert "resuming trial at epoch" in err
+    client, (trial,) = _trials(tmp_path)
+    assert trial.info.status == "FINISHED"
+    steps = sorted(m.step for m in client.get_metric_history(trial.info.run_id, "val_top1"))
+    assert steps[0] == 0 and steps[-1] == 2 and set(steps) == {0, 1, 2}
+    assert "latency_ms" in trial.data.metrics
+    (trial_dir,) = first.glob("trial_*")
+    assert (trial_dir / "checkpoint_epoch_0002" / "state.pt").is_file()
+
+
+def test_asha_stops_trials_early_and_keeps_them_off_the_front(tmp_path, digits_dir, run_cli):
+    # The second trial's learning rate is 20x too small: at the first rung it is below the median.
+    points = [{"train.lr": 2e-3, "train.weight_decay": 0.05}, {"train.lr": 1e-4, "train.weight_decay": 0.05}]
+    config = _dense_config(tmp_path, digits_dir, num_samples=4, seed=0, points_to_evaluate=points,
+                           asha={"grace_period": 1, "reduction_factor": 2})
+    proc = run_cli("sweep", str(config), cwd=tmp_path)
+    assert proc.returncode == 0, proc.stderr[-5000:]
+    client, trials = _trials(tmp_path)
+    assert len(trials) == 4
+    finished = [t for t in trials if t.info.status == "FINISHED"]
+    stopped = [t for t in trials if t.info.status != "FINISHED"]
+    assert finished, "ASHA always lets the best trial finish"
+    assert stopped, "the trial with the tiny learning rate is below the first rung's median"
+    for t in stopped:
+        assert t.info.status == "KILLED"
+        assert t.data.tags["pareto"] == "false"
+        assert "latency_ms" not in t.data.metrics
+    for t in finished:
+        assert "latency_ms" in t.data.metrics
+    assert any(t.data.tags["pareto"] == "true" for t in finished)

@@ -1,0 +1,163 @@
+"""The training loop on CPU without Ray: dense pre-training, a DynamicViT trial, checkpoints, NaN."""
+from __future__ import annotations
+
+import dataclasses
+import math
+import shutil
+
+import pytest
+import torch
+
+from orchestrator import loop
+from orchestrator.config import TrainConfig
+
+CPU = torch.device("cpu")
+
+
+@pytest.fixture(scope="module", autouse=True)
+def _one_torch_thread():
+    """One intra-op thread: on 2 shared cores, two OpenMP threads made an epoch 2x slower (measured)."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+TRAIN_PER_CLASS, VAL_PER_CLASS = 32, 12
+
+
+@pytest.fixture(scope="module")
+def small_digits(digits_root, tmp_path_factory):
+    """The first 32 train / 12 val digits of each class (320 / 120 images): 5 optimizer steps an epoch."""
+    root = tmp_path_factory.mktemp("small") / "digits"
+    for split, n in (("train", TRAIN_PER_CLASS), ("val", VAL_PER_CLASS)):
+        for folder in sorted((digits_root / split).iterdir()):
+            (root / split / folder.name).mkdir(parents=True)
+            for f in sorted(folder.glob("*.png"))[:n]:
+                shutil.copy(f, root / split / folder.name / f.name)
+    return root
+
+
+class Recorder:
+    """A ``loop.Report`` that keeps every call."""
+
+    def __init__(self) -> None:
+        self.calls: list[tuple[dict, dict | None]] = []
+
+    def __call__(self, metrics, state) -> None:
+        self.calls.append((dict(metrics), state))
+
+
+@pytest.fixture(scope="module")
+def exp(small_digits, make_tiny_experiment):
+    return make_tiny_experiment(small_digits)
+
+
+@pytest.fixture(scope="module")
+def pretrained(exp, tmp_path_factory):
+    """One epoch of dense pre-training, its reports, and its weights exported as the sweep does."""
+    run = loop.build_run(exp, "pretrain", CPU)
+    report = Recorder()
+    final = loop.fit(run, report)
+    path = tmp_path_factory.mktemp("weights") / "dense_backbone.pt"
+    state = report.calls[-1][1]
+    torch.save({"model": {k.removeprefix("vit."): v for k, v in state["model"].items()}}, path)
+    return {"run": run, "report": report, "final": final, "path": path}
+
+
+@pytest.fixture(scope="module")
+def trial(exp, pretrained):
+    run = loop.build_run(exp, "trial", CPU, pretrained_path=str(pretrained["path"]))
+    report = Recorder()
+    final = loop.fit(run, report)
+    return {"run": run, "report": report, "final": final}
+
+
+def test_pretrain_reports_each_epoch(pretrained, exp):
+    calls = pretrained["report"].calls
+    assert len(calls) == exp.pretrain.epochs == 1  # pretrain: no extra final report
+    metrics, state = calls[0]
+    assert metrics["epoch"] == 0
+    assert math.isfinite(metrics["train_loss"]) and metrics["train_loss"] > 0
+    assert 0 <= metrics["val_top1"] <= 100 and metrics["val_top1"] <= metrics["val_top5"] <= 100
+    assert math.isfinite(metrics["val_loss"]) and metrics["val_loss"] > 0
+    assert metrics["lr"] > 0 and metrics["epoch_time_s"] > 0
+    assert pretrained["final"] == {k: v for k, v in metrics.items() if k.startswith("val_") or k == "epoch"}
+
+
+def test_pretrain_checkpoint_state(pretrained):
+    run = pretrained["run"]
+    state = pretrained["report"].calls[0][1]
+    assert state["epoch"] == 0 and state["step"] == run.step == len(run.train_loader) == 10 * TRAIN_PER_CLASS // 64
+    assert state["stage"] == "pretrain" and state["method"] == "dense"
+    assert set(state["model"]) == set(run.raw.state_dict()) and all(k.startswith("vit.") for k in state["model"])
+    assert state["optimizer"]["state"] and "param_groups" in state["optimizer"]
+    assert state["metrics"]["val_top1"] == pretrained["final"]["val_top1"]
+    untrained = loop.build_run(run.exp, "pretrain", CPU).raw.state_dict()  # same seed: the same initial weights
+    changed = [k for k, v in untrained.items() if not torch.equal(v, state["model"][k])]
+    assert "vit.head.weight" in changed and "vit.blocks.0.attn.qkv.weight" in changed
+
+
+def test_trial_final_report_measures_the_sparse_model(trial, exp):
+    calls = trial["report"].calls
+    assert len(calls) == exp.train.epochs + 1
+    epoch_metrics, state = calls[0]
+    assert state is not None and state["method"] == "dynamicvit" and state["stage"] == "trial"
+    assert 0 <= epoch_metrics["val_top1"] <= epoch_metrics["val_top5"] <= 100
+    assert {"train_task_loss", "train_loss"} <= set(epoch_metrics)
+    final, final_state = calls[-1]
+    assert final_state is None and final == trial["final"]
+    for key in ("latency_ms", "throughput_ips", "dense_latency_ms", "dense_throughput_ips", "speedup", "throughput_ratio", "gflops", "dense_gflops"):
+        assert math.isfinite(final[key]) and final[key] > 0, key
+    assert final["gflops"] < final["dense_gflops"]
+    assert final["speedup"] == pytest.approx(final["dense_latency_ms"] / final["latency_ms"])
+    assert final["val_top1"] == epoch_metrics["val_top1"] and final["epoch"] == 0
+    assert final["params_m"] > 0
+
+
+def test_trial_starts_from_the_pretrained_weights(exp, pretrained):
+    run = loop.build_run(exp, "trial", CPU, pretrained_path=str(pretrained["path"]))
+    dense_state = pretrained["report"].calls[0][1]["model"]
+    assert torch.equal(run.dense.vit.blocks[2].mlp.fc1.weight, dense_state["vit.blocks.2.mlp.fc1.weight"])
+    assert torch.equal(run.teacher.vit.pos_embed, dense_state["vit.pos_embed"])
+    assert not any(p.requires_grad for p in run.teacher.parameters())
+    fresh = loop.build_run(exp, "trial", CPU)  # no weights: a different (random) backbone
+    assert not torch.equal(fresh.dense.vit.blocks[2].mlp.fc1.weight, dense_state["vit.blocks.2.mlp.fc1.weight"])
+
+
+def test_restore_resumes_at_the_next_epoch(exp, pretrained):
+    state = pretrained["report"].calls[0][1]
+    two = dataclasses.replace(exp, pretrain=dataclasses.replace(exp.pretrain, epochs=2))
+    run = loop.build_run(two, "pretrain", CPU)
+    loop.restore(run, state)
+    assert (run.epoch, run.step) == (1, state["step"])
+    for k, v in state["model"].items():
+        assert torch.equal(run.raw.state_dict()[k], v), k
+    restored_opt = run.optimizer.state_dict()
+    assert restored_opt["state"].keys() == state["optimizer"]["state"].keys()
+    assert torch.equal(restored_opt["state"][0]["exp_avg"], state["optimizer"]["state"][0]["exp_avg"])
+    report = Recorder()
+    loop.fit(run, report)
+    assert [m["epoch"] for m, _ in report.calls] == [1]  # only the remaining epoch
+    assert report.calls[0][1]["step"] == 2 * state["step"] and report.calls[0][1]["epoch"] == 1
+
+
+def test_resume_after_the_last_epoch_evaluates_once(exp, pretrained):
+    state = pretrained["report"].calls[0][1]
+    run = loop.build_run(exp, "pretrain", CPU)
+    loop.restore(run, state)
+    report = Recorder()
+    final = loop.fit(run, report)
+    assert report.calls == []
+    assert final["epoch"] == 0 and final["val_top1"] == pytest.approx(pretrained["final"]["val_top1"])
+
+
+def test_non_finite_loss_stops_the_run(exp):
+    run = loop.build_run(exp, "pretrain", CPU)
+    with torch.no_grad():
+        run.raw.vit.head.weight[0, 0] = float("nan")
+    report = Recorder()
+    with pytest.raises(loop.NonFiniteLossError, match="epoch 0, step 0"):
+        loop.fit(run, report)
+    assert report.calls == []
+    assert isinstance(loop.NonFiniteLossError("x"), FloatingPointError)
