@@ -6,6 +6,10 @@ so timm, importable (see ``methods/_compat.py``).
 from __future__ import annotations
 
 import dataclasses
+import socket
+import subprocess
+import sys
+import time
 from typing import Callable
 
 import pytest
@@ -48,3 +52,42 @@ def rng() -> torch.Generator:
 def mlflow_tmp(tmp_path) -> str:
     """A fresh MLflow tracking URI: a sqlite file under ``tmp_path`` (MLflow 3.13+ refuses the old file store)."""
     return f"sqlite:///{tmp_path}/mlflow.db"
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture(scope="session")
+def port_factory() -> Callable[[], int]:
+    """``port_factory()`` gives a free loopback TCP port, for services the tests start."""
+    return free_port
+
+
+@pytest.fixture(scope="session")
+def s3_endpoint():
+    """A real S3 endpoint: ``moto.server`` in a subprocess on a free loopback port; yields its URL."""
+    import requests
+
+    port = free_port()
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "moto.server", "-H", "127.0.0.1", "-p", str(port)],
+        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+    )
+    url = f"http://127.0.0.1:{port}"
+    try:
+        deadline = time.monotonic() + 30
+        while True:
+            try:
+                requests.get(url, timeout=1)
+                break
+            except requests.ConnectionError:
+                if proc.poll() is not None or time.monotonic() > deadline:
+                    raise RuntimeError(f"moto server did not start (exit code {proc.poll()})") from None
+                time.sleep(0.1)
+        yield url
+    finally:
+        proc.terminate()
+        proc.wait(timeout=10)

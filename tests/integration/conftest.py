@@ -3,7 +3,6 @@ from __future__ import annotations
 
 import os
 import shutil
-import socket
 import subprocess
 import sys
 import time
@@ -15,21 +14,15 @@ import requests
 from orchestrator.data import write_digits
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def _mlflow_bin() -> str:
     return shutil.which("mlflow", path=str(Path(sys.executable).parent)) or "mlflow"
 
 
 @pytest.fixture(scope="session")
-def mlflow_server(tmp_path_factory):
+def mlflow_server(tmp_path_factory, port_factory):
     """``mlflow server`` with a sqlite backend and proxied artifacts, on a free loopback port."""
     root = tmp_path_factory.mktemp("mlflow-server")
-    port = free_port()
+    port = port_factory()
     log = open(root / "server.log", "w")
     proc = subprocess.Popen(
         [_mlflow_bin(), "server", "--host", "127.0.0.1", "--port", str(port),

@@ -38,6 +38,16 @@ def _trials(tmp_path: Path):
     return client, client.search_runs([exp.experiment_id], filter_string="tags.`prunetune.role` = 'trial'")
 
 
+def _committed_checkpoint(tmp_path: Path) -> str:
+    if not (tmp_path / "mlflow.db").is_file():
+        return ""
+    try:
+        _, trials = _trials(tmp_path)
+    except Exception:  # the store is still being created
+        return ""
+    return trials[0].data.tags.get("checkpoint_uri", "") if trials else ""
+
+
 def test_killed_worker_resumes_from_latest_checkpoint(tmp_path, digits_dir):
     config = _dense_config(tmp_path, digits_dir, num_samples=1)
     proc = subprocess.Popen(
@@ -45,15 +55,17 @@ def test_killed_worker_resumes_from_latest_checkpoint(tmp_path, digits_dir):
         cwd=tmp_path, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
     )
     first = tmp_path / "runs" / "resume"
+    # Kill only once Ray Train has committed the first checkpoint: the controller-side MLflow
+    # callback tags the run with it after registering the report (a file on disk is not enough).
     deadline = time.time() + 300
-    while not list(first.glob("trial_*/checkpoint_epoch_0000/state.pt")):
-        assert proc.poll() is None and time.time() < deadline, "the trial never wrote its first checkpoint"
+    while not _committed_checkpoint(tmp_path).endswith("checkpoint_epoch_0000"):
+        assert proc.poll() is None and time.time() < deadline, "the trial never committed its first checkpoint"
         time.sleep(0.2)
     killed = subprocess.run(["pkill", "-9", "-f", "ray::RayTrainWorker"], check=False).returncode == 0
     out, err = proc.communicate(timeout=600)
     assert proc.returncode == 0, err[-5000:]
     assert killed
-    assert "resuming trial at epoch" in err
+    assert "resuming trial at epoch 1" in err
     client, (trial,) = _trials(tmp_path)
     assert trial.info.status == "FINISHED"
     steps = sorted(m.step for m in client.get_metric_history(trial.info.run_id, "val_top1"))
