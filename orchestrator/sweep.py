@@ -138,19 +138,20 @@ def run_sweep(exp: ExperimentConfig, space: SearchSpace, name: str | None = None
         exp = replace(exp, model=replace(exp.model, pretrained=driver.train_dense(exp, tracker)))
 
     objectives = [(o.metric, o.mode) for o in exp.sweep.objectives]
+    sweep_storage = storage.join(exp.storage_path, name)  # Train runs go under trial_<id>/ here
     parent = tracker.start_run(
         name,
         params=to_flat_dict(exp),
         tags={
             ROLE_TAG: "sweep", SWEEP_TAG: name, "method": exp.method, "backbone": exp.model.name,
             SEARCHED_TAG: ",".join(space.names()), OBJECTIVES_TAG: json.dumps(objectives),
-            "prunetune.search_space": space.source, "prunetune.storage_path": redact(storage.join(exp.storage_path, name)),
+            "prunetune.search_space": space.source, "prunetune.storage_path": redact(sweep_storage),
         },
     )
     _logger.info("sweep %s: MLflow run %s in experiment %r at %s", name, parent, exp.tracking.experiment, redact(uri))
     param_space: dict[str, Any] = {
         "experiment": exp, _PARAMS: space.tune_space(), "fixed": space.fixed(), "parent_run_id": parent,
-        "tracking_uri": uri, "sweep_name": name, "storage_path": storage.join(exp.storage_path, name),
+        "tracking_uri": uri, "sweep_name": name, "storage_path": sweep_storage,
     }
     tuner = tune.Tuner(
         # The trial driver only waits on its workers: no CPU, just the memory its process takes.

@@ -2,9 +2,11 @@
 early-stopped trials are recorded as such and kept off the Pareto front."""
 from __future__ import annotations
 
+import sqlite3
 import subprocess
 import sys
 import time
+from contextlib import closing
 from pathlib import Path
 
 import pytest
@@ -39,30 +41,36 @@ def _trials(tmp_path: Path):
 
 
 def _committed_checkpoint(tmp_path: Path) -> str:
-    if not (tmp_path / "mlflow.db").is_file():
+    """The run's ``checkpoint_uri`` tag, read through a read-only sqlite connection: an MlflowClient
+    here would run schema migrations against the store the sweep is still creating."""
+    db = tmp_path / "mlflow.db"
+    if not db.is_file():
         return ""
     try:
-        _, trials = _trials(tmp_path)
-    except Exception:  # the store is still being created
+        with closing(sqlite3.connect(f"file:{db}?mode=ro", uri=True, timeout=1)) as con:
+            row = con.execute("SELECT value FROM tags WHERE key = 'checkpoint_uri'").fetchone()
+    except sqlite3.Error:  # tables not created yet, or locked for a moment
         return ""
-    return trials[0].data.tags.get("checkpoint_uri", "") if trials else ""
+    return row[0] if row else ""
 
 
 def test_killed_worker_resumes_from_latest_checkpoint(tmp_path, digits_dir):
     config = _dense_config(tmp_path, digits_dir, num_samples=1)
+    out_log, err_log = open(tmp_path / "out.log", "w"), open(tmp_path / "err.log", "w")  # files: pipes could fill and block it
     proc = subprocess.Popen(
         [sys.executable, "-m", "orchestrator.cli", "sweep", str(config), "--name", "resume"],
-        cwd=tmp_path, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+        cwd=tmp_path, stdout=out_log, stderr=err_log, text=True,
     )
     first = tmp_path / "runs" / "resume"
     # Kill only once Ray Train has committed the first checkpoint: the controller-side MLflow
     # callback tags the run with it after registering the report (a file on disk is not enough).
     deadline = time.time() + 300
     while not _committed_checkpoint(tmp_path).endswith("checkpoint_epoch_0000"):
-        assert proc.poll() is None and time.time() < deadline, "the trial never committed its first checkpoint"
+        assert proc.poll() is None and time.time() < deadline, (tmp_path / "err.log").read_text()[-3000:]
         time.sleep(0.2)
     killed = subprocess.run(["pkill", "-9", "-f", "ray::RayTrainWorker"], check=False).returncode == 0
-    out, err = proc.communicate(timeout=600)
+    proc.wait(timeout=600)
+    err = (tmp_path / "err.log").read_text()
     assert proc.returncode == 0, err[-5000:]
     assert killed
     assert "resuming trial at epoch 1" in err
