@@ -104,6 +104,7 @@ class _Progress(tune.Callback):
 
     def __init__(self, total_epochs: int) -> None:
         self.total_epochs = total_epochs
+        self.errored: set[str] = set()  # trial ids that failed (others that did not finish were stopped)
 
     def on_trial_result(self, iteration, trials, trial, result, **info):
         if "latency_ms" in result:
@@ -120,6 +121,7 @@ class _Progress(tune.Callback):
             )
 
     def on_trial_error(self, iteration, trials, trial, **info):
+        self.errored.add(trial.trial_id)
         _logger.error("trial %s failed; see %s", trial.trial_id, trial.path)
 
 
@@ -153,6 +155,7 @@ def run_sweep(exp: ExperimentConfig, space: SearchSpace, name: str | None = None
         "experiment": exp, _PARAMS: space.tune_space(), "fixed": space.fixed(), "parent_run_id": parent,
         "tracking_uri": uri, "sweep_name": name, "storage_path": sweep_storage,
     }
+    progress = _Progress(exp.train.epochs)
     tuner = tune.Tuner(
         # The trial driver only waits on its workers: no CPU, just the memory its process takes.
         tune.with_resources(driver.run_trial, {"cpu": 0, "memory": _DRIVER_MEMORY}),
@@ -164,17 +167,17 @@ def run_sweep(exp: ExperimentConfig, space: SearchSpace, name: str | None = None
         run_config=tune.RunConfig(
             name=name, storage_path=exp.storage_path,
             failure_config=tune.FailureConfig(max_failures=exp.sweep.max_failures),
-            callbacks=[_Progress(exp.train.epochs)],
+            callbacks=[progress],
         ),
     )
     try:
         results = tuner.fit()
     except BaseException:
-        tracker.finalize_sweep(parent, objectives, status="KILLED")
+        tracker.finalize_sweep(parent, objectives, status="KILLED", errored=progress.errored)
         raise
     errors = len(results.errors)
     status = "FAILED" if errors == len(results) else "FINISHED"
-    front = tracker.finalize_sweep(parent, objectives, status=status)
+    front = tracker.finalize_sweep(parent, objectives, status=status, errored=progress.errored)
     if errors:
         tracker.set_tags(parent, {"trials_failed": errors})
     return SweepOutcome(name, parent, uri, exp.tracking.experiment, front, len(results), errors)

@@ -191,16 +191,21 @@ class Tracker:
 
     # ---- the Pareto front ---------------------------------------------------------------------------
 
-    def finalize_sweep(self, parent_id: str, objectives: Sequence[tuple[str, str]], status: str = "FINISHED") -> list[dict]:
+    def finalize_sweep(
+        self, parent_id: str, objectives: Sequence[tuple[str, str]], status: str = "FINISHED", errored: set[str] | None = None
+    ) -> list[dict]:
         """Tag every trial ``pareto`` true/false, attach the front (table + plot) to the parent, end it.
 
-        Trials still marked RUNNING (stopped early by ASHA, or lost) are ended as KILLED first; they
-        have no final measurement and so are never on the front.
+        A trial that did not finish and is not in ``errored`` (Tune's failed trial ids) was stopped
+        early (ASHA) or lost: it is ended KILLED and tagged ``prunetune.stopped_early``, whatever its
+        driver managed to record while being stopped. Such trials have no final measurement and so
+        are never on the front.
         """
         runs = [r for r in self.children(parent_id) if r.data.tags.get(ROLE_TAG) == "trial"]
         for r in runs:
-            if r.info.status == "RUNNING":
+            if r.info.status != "FINISHED" and r.data.tags.get(TRIAL_TAG) not in (errored or set()):
                 self.end_run(r.info.run_id, "KILLED")
+                self.set_tags(r.info.run_id, {"prunetune.stopped_early": "true"})
         mask = pareto_mask([r.data.metrics if r.info.status == "FINISHED" else {} for r in runs], objectives)
         for r, on_front in zip(runs, mask):
             self.set_tags(r.info.run_id, {PARETO_TAG: "true" if on_front else "false"})

@@ -98,6 +98,7 @@ def test_asha_stops_trials_early_and_keeps_them_off_the_front(tmp_path, digits_d
     assert stopped, "the trial with the tiny learning rate is below the first rung's median"
     for t in stopped:
         assert t.info.status == "KILLED"
+        assert t.data.tags["prunetune.stopped_early"] == "true"
         assert t.data.tags["pareto"] == "false"
         assert "latency_ms" not in t.data.metrics
     for t in finished:

@@ -169,7 +169,8 @@ def sweep(tmp_path_factory):
     other = tracker.start_run("not-a-trial", {}, {ROLE_TAG: "pretrain"}, parent_id=parent)
     tracker.log_metrics(other, {"val_top1": 100.0, "latency_ms": 0.1})
     tracker.end_run(other)
-    rows = tracker.finalize_sweep(parent, OBJECTIVES)
+    errored = {t for t, (_, _, status) in TRIALS.items() if status == "FAILED"}  # what Tune reports as failed
+    rows = tracker.finalize_sweep(parent, OBJECTIVES, errored=errored)
     return {"uri": uri, "tracker": tracker, "parent": parent, "runs": runs, "rows": rows, "other": other, "folder": folder}
 
 
@@ -185,6 +186,23 @@ def test_finalize_ends_running_trials_as_killed(sweep):
     client = MlflowClient(sweep["uri"])
     statuses = {t: client.get_run(r).info.status for t, r in sweep["runs"].items()}
     assert statuses == {"t_a": "FINISHED", "t_b": "FINISHED", "t_c": "FINISHED", "t_d": "FAILED", "t_e": "KILLED", "t_f": "FINISHED"}
+    stopped = {t for t, r in sweep["runs"].items() if client.get_run(r).data.tags.get("prunetune.stopped_early") == "true"}
+    assert stopped == {"t_e"}
+
+
+def test_finalize_marks_a_stopped_trial_killed_even_if_its_driver_recorded_failed(sweep):
+    """Tune stopping a trial (ASHA) can surface in the trial driver as an exception; only the
+    sweep knows which trials really errored."""
+    tracker = Tracker(sweep["uri"], "exp-stop")
+    parent = tracker.start_run("s", {}, {ROLE_TAG: "sweep", SEARCHED_TAG: "keep_ratio", OBJECTIVES_TAG: json.dumps(OBJECTIVES)})
+    runs = {}
+    for trial_id in ("stopped", "broken"):
+        runs[trial_id] = tracker.start_run(trial_id, {}, {ROLE_TAG: "trial", TRIAL_TAG: trial_id}, parent_id=parent)
+        tracker.end_run(runs[trial_id], "FAILED")
+    tracker.finalize_sweep(parent, OBJECTIVES, errored={"broken"})
+    client = MlflowClient(sweep["uri"])
+    assert client.get_run(runs["stopped"]).info.status == "KILLED"
+    assert client.get_run(runs["broken"]).info.status == "FAILED"
     parent = client.get_run(sweep["parent"])
     assert parent.info.status == "FINISHED" and parent.info.end_time is not None
 
