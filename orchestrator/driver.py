@@ -102,12 +102,8 @@ def run_trial(config: dict[str, Any]) -> None:
         exp, "trial", f"trial_{trial_id}", config["storage_path"],
         callbacks=[TuneReportCallback(), MlflowReportCallback(tracker, run_id)],
     )
-    try:
+    with tracker.ending(run_id):
         trainer.fit()
-    except BaseException:
-        tracker.end_run(run_id, "FAILED")
-        raise
-    tracker.end_run(run_id, "FINISHED")
 
 
 def pretrain_key(exp: ExperimentConfig) -> str:
@@ -131,17 +127,13 @@ def train_dense(exp: ExperimentConfig, tracker: Tracker) -> str:
     flat = {k: v for k, v in to_flat_dict(exp).items() if not k.startswith(("train.", "sweep."))}
     run_id = tracker.start_run(name, params={**flat, "method": "dense"}, tags={ROLE_TAG: "pretrain", "method": "dense", "backbone": exp.model.name})
     trainer = _trainer(exp, "pretrain", name, exp.storage_path, callbacks=[MlflowReportCallback(tracker, run_id)])
-    try:
+    with tracker.ending(run_id):
         result = trainer.fit()
         with result.checkpoint.as_directory() as d:
-            state = torch.load(Path(d) / worker.STATE_FILE, map_location="cpu", weights_only=True)
+            state = worker.load_state(Path(d) / worker.STATE_FILE)
         with tempfile.TemporaryDirectory() as tmp:
             path = Path(tmp) / "dense_backbone.pt"
             torch.save({"model": {k.removeprefix("vit."): v for k, v in state["model"].items()}}, path)
             storage.upload(path, export)
-    except BaseException:
-        tracker.end_run(run_id, "FAILED")
-        raise
-    tracker.set_tags(run_id, {"weights_uri": export})
-    tracker.end_run(run_id, "FINISHED")
+        tracker.set_tags(run_id, {"weights_uri": export})
     return export

@@ -15,7 +15,8 @@ import os
 import re
 import time
 from pathlib import Path
-from typing import Any, Iterable, Sequence
+from contextlib import contextmanager
+from typing import Any, Iterable, Iterator, Sequence
 from urllib.parse import urlparse
 
 from .errors import TrackingError
@@ -176,6 +177,16 @@ class Tracker:
 
     def end_run(self, run_id: str, status: str = "FINISHED") -> None:
         self.client.set_terminated(run_id, status=status)
+
+    @contextmanager
+    def ending(self, run_id: str) -> Iterator[None]:
+        """End ``run_id`` FINISHED when the block completes, FAILED (and re-raise) if it does not."""
+        try:
+            yield
+        except BaseException:
+            self.end_run(run_id, "FAILED")
+            raise
+        self.end_run(run_id, "FINISHED")
 
     def children(self, parent_id: str) -> list:
         runs, token = [], None

@@ -18,7 +18,7 @@ import torch
 from . import loop, storage
 from .config import ExperimentConfig
 
-__all__ = ["train_fn_per_worker", "configure_logging", "STATE_FILE"]
+__all__ = ["train_fn_per_worker", "configure_logging", "load_state", "STATE_FILE"]
 
 STATE_FILE = "state.pt"
 _logger = logging.getLogger(__name__)
@@ -36,7 +36,8 @@ def configure_logging() -> None:
             logger.propagate = False
 
 
-def _load_state(path: str | Path) -> dict[str, Any]:
+def load_state(path: str | Path) -> dict[str, Any]:
+    """A checkpoint state written by ``_report`` (or an ``init_checkpoint``), on the CPU."""
     return torch.load(path, map_location="cpu", weights_only=True)
 
 
@@ -45,10 +46,10 @@ def _start_state(exp: ExperimentConfig, stage: str) -> dict[str, Any] | None:
     checkpoint = ray.train.get_checkpoint()
     if checkpoint is not None:
         with checkpoint.as_directory() as d:
-            return _load_state(Path(d) / STATE_FILE)
+            return load_state(Path(d) / STATE_FILE)
     init = (exp.pretrain if stage == "pretrain" else exp.train).init_checkpoint
     if init:
-        return _load_state(storage.fetch(init))
+        return load_state(storage.fetch(init))
     return None
 
 
