@@ -88,12 +88,30 @@ def _searcher(exp: ExperimentConfig, space: SearchSpace) -> OptunaSearch:
     )
 
 
-def _scheduler(exp: ExperimentConfig) -> ASHAScheduler | None:
+class _RecordingASHA(ASHAScheduler):
+    """ASHA that remembers which trials it stopped.
+
+    Tune's stop can reach a trial's driver as an exception, and Tune then reports the trial as
+    errored; the scheduler's own decision is the only reliable record that it was stopped early.
+    """
+
+    def __init__(self, **kwargs) -> None:
+        super().__init__(**kwargs)
+        self.stopped: set[str] = set()
+
+    def on_trial_result(self, tune_controller, trial, result):
+        action = super().on_trial_result(tune_controller, trial, result)
+        if action == self.STOP:
+            self.stopped.add(trial.trial_id)
+        return action
+
+
+def _scheduler(exp: ExperimentConfig) -> _RecordingASHA | None:
     asha = exp.sweep.asha
     if asha is None:
         return None
     first = exp.sweep.objectives[0]
-    return ASHAScheduler(
+    return _RecordingASHA(
         time_attr="epoch", metric=first.metric, mode=first.mode, max_t=exp.train.epochs,
         grace_period=asha.grace_period, reduction_factor=asha.reduction_factor,
     )
@@ -102,9 +120,10 @@ def _scheduler(exp: ExperimentConfig) -> ASHAScheduler | None:
 class _Progress(tune.Callback):
     """One log line per trial epoch and per finished trial, so long sweeps show where they are."""
 
-    def __init__(self, total_epochs: int) -> None:
+    def __init__(self, total_epochs: int, stopped: set[str]) -> None:
         self.total_epochs = total_epochs
-        self.errored: set[str] = set()  # trial ids that failed (others that did not finish were stopped)
+        self.stopped = stopped  # the scheduler's early stops (filled as the sweep runs)
+        self.errored: set[str] = set()  # trial ids that failed
 
     def on_trial_result(self, iteration, trials, trial, result, **info):
         if "latency_ms" in result:
@@ -121,6 +140,9 @@ class _Progress(tune.Callback):
             )
 
     def on_trial_error(self, iteration, trials, trial, **info):
+        if trial.trial_id in self.stopped:
+            _logger.info("trial %s stopped early by ASHA", trial.trial_id)
+            return
         self.errored.add(trial.trial_id)
         _logger.error("trial %s failed; see %s", trial.trial_id, trial.path)
 
@@ -155,13 +177,15 @@ def run_sweep(exp: ExperimentConfig, space: SearchSpace, name: str | None = None
         "experiment": exp, _PARAMS: space.tune_space(), "fixed": space.fixed(), "parent_run_id": parent,
         "tracking_uri": uri, "sweep_name": name, "storage_path": sweep_storage,
     }
-    progress = _Progress(exp.train.epochs)
+    scheduler = _scheduler(exp)
+    stopped = scheduler.stopped if scheduler is not None else set()
+    progress = _Progress(exp.train.epochs, stopped)
     tuner = tune.Tuner(
         # The trial driver only waits on its workers: no CPU, just the memory its process takes.
         tune.with_resources(driver.run_trial, {"cpu": 0, "memory": _DRIVER_MEMORY}),
         param_space=param_space,
         tune_config=tune.TuneConfig(
-            search_alg=_searcher(exp, space), scheduler=_scheduler(exp),
+            search_alg=_searcher(exp, space), scheduler=scheduler,
             num_samples=exp.sweep.num_samples, max_concurrent_trials=exp.sweep.max_concurrent_trials,
         ),
         run_config=tune.RunConfig(
@@ -173,11 +197,12 @@ def run_sweep(exp: ExperimentConfig, space: SearchSpace, name: str | None = None
     try:
         results = tuner.fit()
     except BaseException:
-        tracker.finalize_sweep(parent, objectives, status="KILLED", errored=progress.errored)
+        tracker.finalize_sweep(parent, objectives, status="KILLED", errored=progress.errored - stopped)
         raise
-    errors = len(results.errors)
+    errored = progress.errored - stopped  # a trial ASHA stopped is not a failure, however its driver ended
+    errors = len(errored)
     status = "FAILED" if errors == len(results) else "FINISHED"
-    front = tracker.finalize_sweep(parent, objectives, status=status, errored=progress.errored)
+    front = tracker.finalize_sweep(parent, objectives, status=status, errored=errored)
     if errors:
         tracker.set_tags(parent, {"trials_failed": errors})
     return SweepOutcome(name, parent, uri, exp.tracking.experiment, front, len(results), errors)

@@ -104,3 +104,7 @@ def test_asha_stops_trials_early_and_keeps_them_off_the_front(tmp_path, digits_d
     for t in finished:
         assert "latency_ms" in t.data.metrics
     assert any(t.data.tags["pareto"] == "true" for t in finished)
+    (parent,) = client.search_runs([trials[0].info.experiment_id], filter_string="tags.`prunetune.role` = 'sweep'")
+    assert parent.info.status == "FINISHED"
+    assert "trials_failed" not in parent.data.tags, "a trial ASHA stopped is not a failed trial"
+    assert parent.data.metrics["trials_finished"] == len(finished)
