@@ -70,7 +70,8 @@ def _cmd_sweep(args: argparse.Namespace) -> int:
 def _print_outcome(outcome) -> None:
     from .tracking import redact
 
-    print(f"\nsweep {outcome.name}: {outcome.trials} trials, {outcome.errors} failed; Pareto front ({len(outcome.front)}):")
+    stopped = f", {outcome.stopped_early} stopped early by ASHA" if outcome.stopped_early else ""
+    print(f"\nsweep {outcome.name}: {outcome.trials} trials, {outcome.errors} failed{stopped}; Pareto front ({len(outcome.front)}):")
     print(format_front(outcome.front))
     print(f"\nMLflow: experiment {outcome.experiment!r}, sweep run {outcome.parent_run_id} at {redact(outcome.tracking_uri)}")
     print(f"  browse: mlflow ui --backend-store-uri {redact(outcome.tracking_uri)}" if outcome.tracking_uri.startswith("sqlite") else f"  browse: {redact(outcome.tracking_uri)}")

@@ -50,6 +50,7 @@ class SweepOutcome:
     front: list[dict]
     trials: int
     errors: int
+    stopped_early: int = 0
 
 
 def init_ray(address: str | None = None) -> None:
@@ -205,4 +206,4 @@ def run_sweep(exp: ExperimentConfig, space: SearchSpace, name: str | None = None
     front = tracker.finalize_sweep(parent, objectives, status=status, errored=errored)
     if errors:
         tracker.set_tags(parent, {"trials_failed": errors})
-    return SweepOutcome(name, parent, uri, exp.tracking.experiment, front, len(results), errors)
+    return SweepOutcome(name, parent, uri, exp.tracking.experiment, front, len(results), errors, len(stopped))

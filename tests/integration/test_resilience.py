@@ -107,4 +107,5 @@ def test_asha_stops_trials_early_and_keeps_them_off_the_front(tmp_path, digits_d
     (parent,) = client.search_runs([trials[0].info.experiment_id], filter_string="tags.`prunetune.role` = 'sweep'")
     assert parent.info.status == "FINISHED"
     assert "trials_failed" not in parent.data.tags, "a trial ASHA stopped is not a failed trial"
+    assert "4 trials, 0 failed, " in proc.stdout and " stopped early by ASHA" in proc.stdout
     assert parent.data.metrics["trials_finished"] == len(finished)
