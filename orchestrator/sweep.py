@@ -198,12 +198,12 @@ def run_sweep(exp: ExperimentConfig, space: SearchSpace, name: str | None = None
     try:
         results = tuner.fit()
     except BaseException:
-        tracker.finalize_sweep(parent, objectives, status="KILLED", errored=progress.errored - stopped)
+        tracker.finalize_sweep(parent, objectives, status="KILLED", errored=progress.errored - stopped, stopped=stopped)
         raise
     errored = progress.errored - stopped  # a trial ASHA stopped is not a failure, however its driver ended
     errors = len(errored)
     status = "FAILED" if errors == len(results) else "FINISHED"
-    front = tracker.finalize_sweep(parent, objectives, status=status, errored=errored)
+    front = tracker.finalize_sweep(parent, objectives, status=status, errored=errored, stopped=stopped)
     if errors:
         tracker.set_tags(parent, {"trials_failed": errors})
     return SweepOutcome(name, parent, uri, exp.tracking.experiment, front, len(results), errors, len(stopped))

@@ -203,20 +203,21 @@ class Tracker:
     # ---- the Pareto front ---------------------------------------------------------------------------
 
     def finalize_sweep(
-        self, parent_id: str, objectives: Sequence[tuple[str, str]], status: str = "FINISHED", errored: set[str] | None = None
+        self, parent_id: str, objectives: Sequence[tuple[str, str]], status: str = "FINISHED",
+        errored: set[str] | None = None, stopped: set[str] | None = None,
     ) -> list[dict]:
         """Tag every trial ``pareto`` true/false, attach the front (table + plot) to the parent, end it.
 
-        A trial that did not finish and is not in ``errored`` (Tune's failed trial ids) was stopped
-        early (ASHA) or lost: it is ended KILLED and tagged ``prunetune.stopped_early``, whatever its
-        driver managed to record while being stopped. Such trials have no final measurement and so
-        are never on the front.
+        Trials that did not finish are ended by what the sweep knows of them, whatever their driver
+        managed to record: stopped by the scheduler (``stopped``) -> KILLED, tagged
+        ``prunetune.stopped_early``; failed (``errored``, Tune's failed trial ids) -> FAILED; anything
+        else was cut short by the sweep's end or interruption -> KILLED, tagged ``prunetune.interrupted``.
+        Such trials have no final measurement and so are never on the front.
         """
         runs = [r for r in self.children(parent_id) if r.data.tags.get(ROLE_TAG) == "trial"]
         for r in runs:
-            if r.info.status != "FINISHED" and r.data.tags.get(TRIAL_TAG) not in (errored or set()):
-                self.end_run(r.info.run_id, "KILLED")
-                self.set_tags(r.info.run_id, {"prunetune.stopped_early": "true"})
+            if r.info.status != "FINISHED":
+                self._end_unfinished_trial(r, errored or set(), stopped or set())
         mask = pareto_mask([r.data.metrics if r.info.status == "FINISHED" else {} for r in runs], objectives)
         for r, on_front in zip(runs, mask):
             self.set_tags(r.info.run_id, {PARETO_TAG: "true" if on_front else "false"})
@@ -232,6 +233,18 @@ class Tracker:
         self.log_metrics(parent_id, summary)
         self.end_run(parent_id, status)
         return rows
+
+    def _end_unfinished_trial(self, run, errored: set[str], stopped: set[str]) -> None:
+        trial_id, run_id = run.data.tags.get(TRIAL_TAG), run.info.run_id
+        if trial_id in stopped:
+            self.end_run(run_id, "KILLED")
+            self.set_tags(run_id, {"prunetune.stopped_early": "true"})
+        elif trial_id in errored:
+            if run.info.status != "FAILED":  # its driver died before it could say so
+                self.end_run(run_id, "FAILED")
+        else:
+            self.end_run(run_id, "KILLED")
+            self.set_tags(run_id, {"prunetune.interrupted": "true"})
 
     def _log_front_artifacts(self, parent_id: str, rows: list[dict], all_rows: list[dict], objectives) -> None:
         table = [{"run_id": r["run_id"], "run_name": r["run_name"], **r["params"], **r["metrics"]} for r in rows]

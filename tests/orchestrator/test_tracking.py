@@ -137,7 +137,11 @@ TRIALS = {
     "t_d": ({"keep_ratio": 0.5, "train.lr": 1e-4}, {"val_top1": 99.0, "latency_ms": 1.0}, "FAILED"),  # best, but failed
     "t_e": ({"keep_ratio": 0.55, "train.lr": 1e-4}, {"val_top1": 98.0}, "RUNNING"),  # stopped early: no latency
     "t_f": ({"keep_ratio": 0.5, "train.lr": 3e-3}, {"val_top1": 70.0, "latency_ms": 4.0}, "FINISHED"),
+    "t_g": ({"keep_ratio": 0.4, "train.lr": 1e-3}, {"val_top1": 97.0}, "RUNNING"),  # cut short by the sweep's end
+    "t_h": ({"keep_ratio": 0.45, "train.lr": 1e-3}, {"val_top1": 96.0}, "RUNNING"),  # errored; its driver died silently
 }
+STOPPED = {"t_e"}  # what the scheduler stopped
+ERRORED = {"t_d", "t_h"}  # what Tune reports as failed
 FRONT = ["t_f", "t_b", "t_a"]  # by latency
 
 
@@ -169,8 +173,7 @@ def sweep(tmp_path_factory):
     other = tracker.start_run("not-a-trial", {}, {ROLE_TAG: "pretrain"}, parent_id=parent)
     tracker.log_metrics(other, {"val_top1": 100.0, "latency_ms": 0.1})
     tracker.end_run(other)
-    errored = {t for t, (_, _, status) in TRIALS.items() if status == "FAILED"}  # what Tune reports as failed
-    rows = tracker.finalize_sweep(parent, OBJECTIVES, errored=errored)
+    rows = tracker.finalize_sweep(parent, OBJECTIVES, errored=ERRORED, stopped=STOPPED)
     return {"uri": uri, "tracker": tracker, "parent": parent, "runs": runs, "rows": rows, "other": other, "folder": folder}
 
 
@@ -182,12 +185,19 @@ def test_finalize_tags_each_trial(sweep):
     assert PARETO_TAG not in client.get_run(sweep["other"]).data.tags  # only trials are judged
 
 
-def test_finalize_ends_running_trials_as_killed(sweep):
+def test_finalize_ends_unfinished_trials_by_what_the_sweep_knows(sweep):
     client = MlflowClient(sweep["uri"])
     statuses = {t: client.get_run(r).info.status for t, r in sweep["runs"].items()}
-    assert statuses == {"t_a": "FINISHED", "t_b": "FINISHED", "t_c": "FINISHED", "t_d": "FAILED", "t_e": "KILLED", "t_f": "FINISHED"}
-    stopped = {t for t, r in sweep["runs"].items() if client.get_run(r).data.tags.get("prunetune.stopped_early") == "true"}
-    assert stopped == {"t_e"}
+    assert statuses == {
+        "t_a": "FINISHED", "t_b": "FINISHED", "t_c": "FINISHED", "t_d": "FAILED", "t_e": "KILLED", "t_f": "FINISHED",
+        "t_g": "KILLED", "t_h": "FAILED",
+    }
+
+    def tagged(tag):
+        return {t for t, r in sweep["runs"].items() if client.get_run(r).data.tags.get(tag) == "true"}
+
+    assert tagged("prunetune.stopped_early") == {"t_e"}
+    assert tagged("prunetune.interrupted") == {"t_g"}
 
 
 def test_finalize_marks_a_stopped_trial_killed_even_if_its_driver_recorded_failed(sweep):
@@ -199,7 +209,7 @@ def test_finalize_marks_a_stopped_trial_killed_even_if_its_driver_recorded_faile
     for trial_id in ("stopped", "broken"):
         runs[trial_id] = tracker.start_run(trial_id, {}, {ROLE_TAG: "trial", TRIAL_TAG: trial_id}, parent_id=parent)
         tracker.end_run(runs[trial_id], "FAILED")
-    tracker.finalize_sweep(parent, OBJECTIVES, errored={"broken"})
+    tracker.finalize_sweep(parent, OBJECTIVES, errored={"broken"}, stopped={"stopped"})
     client = MlflowClient(sweep["uri"])
     assert client.get_run(runs["stopped"]).info.status == "KILLED"
     assert client.get_run(runs["broken"]).info.status == "FAILED"
@@ -218,7 +228,7 @@ def test_finalize_returns_the_front(sweep):
 
 def test_finalize_logs_a_summary_on_the_parent(sweep):
     metrics = MlflowClient(sweep["uri"]).get_run(sweep["parent"]).data.metrics
-    assert metrics["pareto_size"] == 3 and metrics["trials"] == 6 and metrics["trials_finished"] == 4
+    assert metrics["pareto_size"] == 3 and metrics["trials"] == len(TRIALS) and metrics["trials_finished"] == 4
     assert metrics["best_val_top1"] == 90.0
 
 
