@@ -64,6 +64,13 @@ def _cmd_sweep(args: argparse.Namespace) -> int:
     exp, space = _load(args)
     outcome = run_sweep(exp, space, name=args.name, address=args.address)
     _print_outcome(outcome)
+    return _exit_code(outcome)
+
+
+def _exit_code(outcome) -> int:
+    """130 for an interrupted sweep (Ctrl+C), 1 when every trial failed, else 0."""
+    if outcome.interrupted:
+        return 130
     return 1 if outcome.errors == outcome.trials else 0
 
 
@@ -71,6 +78,7 @@ def _print_outcome(outcome) -> None:
     from .tracking import redact
 
     stopped = f", {outcome.stopped_early} stopped early by ASHA" if outcome.stopped_early else ""
+    stopped += " (interrupted)" if outcome.interrupted else ""
     print(f"\nsweep {outcome.name}: {outcome.trials} trials, {outcome.errors} failed{stopped}; Pareto front ({len(outcome.front)}):")
     print(format_front(outcome.front))
     print(f"\nMLflow: experiment {outcome.experiment!r}, sweep run {outcome.parent_run_id} at {redact(outcome.tracking_uri)}")
@@ -99,7 +107,7 @@ def _cmd_quickstart(args: argparse.Namespace) -> int:
 
     outcome = run_quickstart(Path(args.out), num_samples=args.num_samples)
     _print_outcome(outcome)
-    return 0
+    return _exit_code(outcome)
 
 
 def _cmd_methods(args: argparse.Namespace) -> int:

@@ -51,6 +51,7 @@ class SweepOutcome:
     trials: int
     errors: int
     stopped_early: int = 0
+    interrupted: bool = False
 
 
 def init_ray(address: str | None = None) -> None:
@@ -202,8 +203,13 @@ def run_sweep(exp: ExperimentConfig, space: SearchSpace, name: str | None = None
         raise
     errored = progress.errored - stopped  # a trial ASHA stopped is not a failure, however its driver ended
     errors = len(errored)
-    status = "FAILED" if errors == len(results) else "FINISHED"
+    # Ctrl+C (SIGINT) makes Tune end the run gracefully and return: trials left unfinished or never started.
+    interrupted = results.num_terminated + results.num_errors < len(results) or len(results) < exp.sweep.num_samples
+    status = "KILLED" if interrupted else "FAILED" if errors == len(results) else "FINISHED"
     front = tracker.finalize_sweep(parent, objectives, status=status, errored=errored, stopped=stopped)
     if errors:
         tracker.set_tags(parent, {"trials_failed": errors})
-    return SweepOutcome(name, parent, uri, exp.tracking.experiment, front, len(results), errors, len(stopped))
+    if interrupted:
+        tracker.set_tags(parent, {"prunetune.interrupted": "true"})
+        _logger.warning("sweep %s interrupted after %d of %d trials started", name, len(results), exp.sweep.num_samples)
+    return SweepOutcome(name, parent, uri, exp.tracking.experiment, front, len(results), errors, len(stopped), interrupted)

@@ -2,6 +2,7 @@
 early-stopped trials are recorded as such and kept off the Pareto front."""
 from __future__ import annotations
 
+import signal
 import sqlite3
 import subprocess
 import sys
@@ -81,6 +82,34 @@ def test_killed_worker_resumes_from_latest_checkpoint(tmp_path, digits_dir):
     assert "latency_ms" in trial.data.metrics
     (trial_dir,) = first.glob("trial_*")
     assert (trial_dir / "checkpoint_epoch_0002" / "state.pt").is_file()
+
+
+def test_ctrl_c_ends_the_sweep_killed_and_keeps_what_was_recorded(tmp_path, digits_dir):
+    config = _dense_config(tmp_path, digits_dir, num_samples=2)
+    with open(tmp_path / "out.log", "w") as out_log, open(tmp_path / "err.log", "w") as err_log:
+        proc = subprocess.Popen(
+            [sys.executable, "-m", "orchestrator.cli", "sweep", str(config), "--name", "intr"],
+            cwd=tmp_path, stdout=out_log, stderr=err_log, text=True,
+        )
+        deadline = time.time() + 300
+        while not _committed_checkpoint(tmp_path).endswith("checkpoint_epoch_0000"):
+            assert proc.poll() is None and time.time() < deadline, (tmp_path / "err.log").read_text()[-3000:]
+            time.sleep(0.2)
+        proc.send_signal(signal.SIGINT)
+        proc.wait(timeout=300)
+    out = (tmp_path / "out.log").read_text()
+    assert proc.returncode == 130, (tmp_path / "err.log").read_text()[-5000:]
+    assert "1 trials, 0 failed (interrupted)" in out
+    client, (trial,) = _trials(tmp_path)
+    (parent,) = client.search_runs([trial.info.experiment_id], filter_string="tags.`prunetune.role` = 'sweep'")
+    assert parent.info.status == "KILLED" and parent.data.tags["prunetune.interrupted"] == "true"
+    assert trial.info.status == "KILLED" and trial.data.tags["prunetune.interrupted"] == "true"
+    assert trial.data.tags["pareto"] == "false" and "prunetune.stopped_early" not in trial.data.tags
+    # What was recorded before the interrupt is kept: the first epoch's metrics and its checkpoint.
+    assert 0 in {m.step for m in client.get_metric_history(trial.info.run_id, "val_top1")}
+    (trial_dir,) = (tmp_path / "runs" / "intr").glob("trial_*")
+    assert (trial_dir / "checkpoint_epoch_0000" / "state.pt").is_file()
+    assert "pareto_front.png" in {a.path for a in client.list_artifacts(parent.info.run_id)}
 
 
 def test_asha_stops_trials_early_and_keeps_them_off_the_front(tmp_path, digits_dir, run_cli):
