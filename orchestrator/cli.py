@@ -62,7 +62,7 @@ def _cmd_sweep(args: argparse.Namespace) -> int:
     from .sweep import run_sweep
 
     exp, space = _load(args)
-    outcome = run_sweep(exp, space, name=args.name, address=args.address)
+    outcome = run_sweep(exp, space, name=args.resume or args.name, address=args.address, resume=bool(args.resume))
     _print_outcome(outcome)
     return _exit_code(outcome)
 
@@ -162,7 +162,9 @@ def _parser() -> argparse.ArgumentParser:
         s.add_argument("--tracking-uri", help="MLflow tracking URI (default: the config's, else MLflow's default)")
         s.add_argument("--experiment", help="MLflow experiment name (default: the config's)")
         if name == "sweep":
-            s.add_argument("--name", help="sweep name (default: config name + timestamp)")
+            named = s.add_mutually_exclusive_group()
+            named.add_argument("--name", help="sweep name (default: config name + timestamp)")
+            named.add_argument("--resume", metavar="NAME", help="continue the interrupted sweep NAME (same config)")
             s.add_argument("--address", help="Ray cluster address (default: RAY_ADDRESS, else a local Ray)")
         s.set_defaults(func=func)
 

@@ -89,7 +89,10 @@ def run_trial(config: dict[str, Any]) -> None:
     trial_id = tune.get_context().get_trial_id()
     tracker = Tracker(config["tracking_uri"], exp.tracking.experiment)
     parent = config["parent_run_id"]
-    run_id = tracker.find_trial_run(parent, trial_id) or tracker.start_run(
+    run_id = tracker.find_trial_run(parent, trial_id)
+    if run_id:  # a trial restarted by Ray, or resumed with its sweep: same run, same checkpoints
+        tracker.reopen(run_id)
+    run_id = run_id or tracker.start_run(
         name=f"trial_{trial_id}",
         params=to_flat_dict(exp),
         tags={

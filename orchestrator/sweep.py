@@ -10,7 +10,7 @@ import json
 import logging
 import os
 import time
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, field, replace
 from typing import Any
 
 import ray
@@ -25,7 +25,10 @@ from .config import ExperimentConfig, SweepConfig, to_flat_dict
 from .data import check_image_folder
 from .errors import UserError
 from .search_space import SearchSpace
-from .tracking import OBJECTIVES_TAG, ROLE_TAG, SEARCHED_TAG, SWEEP_TAG, Tracker, check_reachable, redact, resolve_uri
+from .tracking import (
+    INTERRUPTED_TAG, OBJECTIVES_TAG, ROLE_TAG, SEARCHED_TAG, STOPPED_EARLY_TAG, SWEEP_TAG, Tracker, check_reachable,
+    param_value, redact, resolve_uri,
+)
 
 __all__ = ["run_sweep", "SweepOutcome", "init_ray"]
 
@@ -90,16 +93,39 @@ def _searcher(exp: ExperimentConfig, space: SearchSpace) -> OptunaSearch:
     )
 
 
+@dataclass
+class _Ledger:
+    """What the sweep's driver learns about its trials while Tune runs them.
+
+    Kept per sweep name in this process rather than on the scheduler and callback: a resumed sweep
+    runs Tune's own unpickled copies of those, and they must still report here.
+    """
+
+    stopped: set[str] = field(default_factory=set)  # trials ASHA stopped early
+    errored: set[str] = field(default_factory=set)  # trials Tune reports failed (and ASHA did not stop)
+
+
+_LEDGERS: dict[str, _Ledger] = {}
+
+
+def _ledger(sweep: str) -> _Ledger:
+    return _LEDGERS.setdefault(sweep, _Ledger())
+
+
 class _RecordingASHA(ASHAScheduler):
-    """ASHA that remembers which trials it stopped.
+    """ASHA that records which trials it stopped in the sweep's ledger.
 
     Tune's stop can reach a trial's driver as an exception, and Tune then reports the trial as
     errored; the scheduler's own decision is the only reliable record that it was stopped early.
     """
 
-    def __init__(self, **kwargs) -> None:
+    def __init__(self, sweep: str, **kwargs) -> None:
         super().__init__(**kwargs)
-        self.stopped: set[str] = set()
+        self.sweep = sweep
+
+    @property
+    def stopped(self) -> set[str]:
+        return _ledger(self.sweep).stopped
 
     def on_trial_result(self, tune_controller, trial, result):
         action = super().on_trial_result(tune_controller, trial, result)
@@ -108,24 +134,24 @@ class _RecordingASHA(ASHAScheduler):
         return action
 
 
-def _scheduler(exp: ExperimentConfig) -> _RecordingASHA | None:
+def _scheduler(exp: ExperimentConfig, sweep: str) -> _RecordingASHA | None:
     asha = exp.sweep.asha
     if asha is None:
         return None
     first = exp.sweep.objectives[0]
     return _RecordingASHA(
-        time_attr="epoch", metric=first.metric, mode=first.mode, max_t=exp.train.epochs,
+        sweep, time_attr="epoch", metric=first.metric, mode=first.mode, max_t=exp.train.epochs,
         grace_period=asha.grace_period, reduction_factor=asha.reduction_factor,
     )
 
 
 class _Progress(tune.Callback):
-    """One log line per trial epoch and per finished trial, so long sweeps show where they are."""
+    """One log line per trial epoch and per finished trial, so long sweeps show where they are;
+    failed trials go to the sweep's ledger."""
 
-    def __init__(self, total_epochs: int, stopped: set[str]) -> None:
+    def __init__(self, total_epochs: int, sweep: str) -> None:
         self.total_epochs = total_epochs
-        self.stopped = stopped  # the scheduler's early stops (filled as the sweep runs)
-        self.errored: set[str] = set()  # trial ids that failed
+        self.sweep = sweep
 
     def on_trial_result(self, iteration, trials, trial, result, **info):
         if "latency_ms" in result:
@@ -142,15 +168,46 @@ class _Progress(tune.Callback):
             )
 
     def on_trial_error(self, iteration, trials, trial, **info):
-        if trial.trial_id in self.stopped:
+        ledger = _ledger(self.sweep)
+        if trial.trial_id in ledger.stopped:
             _logger.info("trial %s stopped early by ASHA", trial.trial_id)
             return
-        self.errored.add(trial.trial_id)
+        ledger.errored.add(trial.trial_id)
         _logger.error("trial %s failed; see %s", trial.trial_id, trial.path)
 
 
-def run_sweep(exp: ExperimentConfig, space: SearchSpace, name: str | None = None, address: str | None = None) -> SweepOutcome:
-    """Run the whole sweep described by ``exp`` over ``space``; returns the Pareto front read from MLflow."""
+def _resumable(tracker: Tracker, name: str, path: str):
+    """The parent run of the interrupted sweep ``name``; a UserError when there is nothing to resume."""
+    if not tune.Tuner.can_restore(path):
+        raise UserError(f"--resume {name}: no sweep state at {redact(path)} (check the config's storage_path)")
+    previous = tracker.find_sweep_run(name)
+    if previous is None:
+        raise UserError(f"--resume {name}: experiment {tracker.experiment!r} at {redact(tracker.uri)} has no sweep run named {name!r}")
+    if previous.info.status == "FINISHED":
+        raise UserError(f"--resume {name}: that sweep already finished (MLflow run {previous.info.run_id})")
+    return previous
+
+
+def _check_same_config(name: str, previous, exp: ExperimentConfig) -> None:
+    """A resumed sweep must run the config it started with (its trials keep theirs). The dense
+    backbone's weights, when the sweep trained them, follow from the rest of the config."""
+    derived = {"tracking.uri"} | ({"model.pretrained"} if not exp.model.pretrained else set())
+    for key, value in to_flat_dict(exp).items():
+        recorded = previous.data.params.get(key)
+        if key not in derived and recorded is not None and recorded != param_value(key, value):
+            raise UserError(f"--resume {name}: {key} is {param_value(key, value)} but the sweep ran with {recorded}")
+
+
+def run_sweep(
+    exp: ExperimentConfig, space: SearchSpace, name: str | None = None, address: str | None = None, resume: bool = False,
+) -> SweepOutcome:
+    """Run the whole sweep described by ``exp`` over ``space``; returns the Pareto front read from MLflow.
+
+    ``resume=True`` continues the interrupted sweep ``name`` (Tune's state, its MLflow runs, and each
+    unfinished or failed trial from its latest checkpoint) under the same config.
+    """
+    if resume and not name:
+        raise UserError("resuming a sweep needs its name")
     uri = resolve_uri(exp.tracking.uri)
     check_reachable(uri)
     check_image_folder(exp.data.path)
@@ -158,58 +215,72 @@ def run_sweep(exp: ExperimentConfig, space: SearchSpace, name: str | None = None
         _check_pretrained(exp)
     name = name or f"{exp.name}-{time.strftime('%Y%m%d-%H%M%S')}"
     tracker = Tracker(uri, exp.tracking.experiment)
+    sweep_storage = storage.join(exp.storage_path, name)  # Tune's state; Train runs go under trial_<id>/ here
+    previous = _resumable(tracker, name, sweep_storage) if resume else None
+    if previous is not None:
+        _check_same_config(name, previous, exp)
     init_ray(address)
 
     if get_method(exp.method).needs_teacher and not exp.model.pretrained:
         exp = replace(exp, model=replace(exp.model, pretrained=driver.train_dense(exp, tracker)))
 
     objectives = [(o.metric, o.mode) for o in exp.sweep.objectives]
-    sweep_storage = storage.join(exp.storage_path, name)  # Train runs go under trial_<id>/ here
-    parent = tracker.start_run(
-        name,
-        params=to_flat_dict(exp),
-        tags={
-            ROLE_TAG: "sweep", SWEEP_TAG: name, "method": exp.method, "backbone": exp.model.name,
-            SEARCHED_TAG: ",".join(space.names()), OBJECTIVES_TAG: json.dumps(objectives),
-            "prunetune.search_space": space.source, "prunetune.storage_path": redact(sweep_storage),
-        },
-    )
-    _logger.info("sweep %s: MLflow run %s in experiment %r at %s", name, parent, exp.tracking.experiment, redact(uri))
+    if previous is not None:
+        parent = previous.info.run_id
+        tracker.reopen(parent)
+    else:
+        parent = tracker.start_run(
+            name,
+            params=to_flat_dict(exp),
+            tags={
+                ROLE_TAG: "sweep", SWEEP_TAG: name, "method": exp.method, "backbone": exp.model.name,
+                SEARCHED_TAG: ",".join(space.names()), OBJECTIVES_TAG: json.dumps(objectives),
+                "prunetune.search_space": space.source, "prunetune.storage_path": redact(sweep_storage),
+            },
+        )
+    _logger.info("sweep %s%s: MLflow run %s in experiment %r at %s", name, " (resumed)" if resume else "", parent, exp.tracking.experiment, redact(uri))
     param_space: dict[str, Any] = {
         "experiment": exp, _PARAMS: space.tune_space(), "fixed": space.fixed(), "parent_run_id": parent,
         "tracking_uri": uri, "sweep_name": name, "storage_path": sweep_storage,
     }
-    scheduler = _scheduler(exp)
-    stopped = scheduler.stopped if scheduler is not None else set()
-    progress = _Progress(exp.train.epochs, stopped)
-    tuner = tune.Tuner(
-        # The trial driver only waits on its workers: no CPU, just the memory its process takes.
-        tune.with_resources(driver.run_trial, {"cpu": 0, "memory": _DRIVER_MEMORY}),
-        param_space=param_space,
-        tune_config=tune.TuneConfig(
-            search_alg=_searcher(exp, space), scheduler=scheduler,
-            num_samples=exp.sweep.num_samples, max_concurrent_trials=exp.sweep.max_concurrent_trials,
-        ),
-        run_config=tune.RunConfig(
-            name=name, storage_path=exp.storage_path,
-            failure_config=tune.FailureConfig(max_failures=exp.sweep.max_failures),
-            callbacks=[progress],
-        ),
-    )
+    # The trial driver only waits on its workers: no CPU, just the memory its process takes.
+    trainable = tune.with_resources(driver.run_trial, {"cpu": 0, "memory": _DRIVER_MEMORY})
+    if resume:
+        # Tune restores its searcher, scheduler and callbacks; unfinished and failed trials go on from their checkpoints.
+        tuner = tune.Tuner.restore(sweep_storage, trainable, resume_unfinished=True, resume_errored=True, param_space=param_space)
+    else:
+        tuner = tune.Tuner(
+            trainable,
+            param_space=param_space,
+            tune_config=tune.TuneConfig(
+                search_alg=_searcher(exp, space), scheduler=_scheduler(exp, name),
+                num_samples=exp.sweep.num_samples, max_concurrent_trials=exp.sweep.max_concurrent_trials,
+            ),
+            run_config=tune.RunConfig(
+                name=name, storage_path=exp.storage_path,
+                failure_config=tune.FailureConfig(max_failures=exp.sweep.max_failures),
+                callbacks=[_Progress(exp.train.epochs, name)],
+            ),
+        )
+    ledger = _ledger(name)
     try:
         results = tuner.fit()
     except BaseException:
-        tracker.finalize_sweep(parent, objectives, status="KILLED", errored=progress.errored - stopped, stopped=stopped)
+        tracker.finalize_sweep(parent, objectives, status="KILLED", errored=ledger.errored - ledger.stopped, stopped=ledger.stopped)
         raise
-    errored = progress.errored - stopped  # a trial ASHA stopped is not a failure, however its driver ended
+    errored = ledger.errored - ledger.stopped  # a trial ASHA stopped is not a failure, however its driver ended
     errors = len(errored)
     # Ctrl+C (SIGINT) makes Tune end the run gracefully and return: trials left unfinished or never started.
     interrupted = results.num_terminated + results.num_errors < len(results) or len(results) < exp.sweep.num_samples
     status = "KILLED" if interrupted else "FAILED" if errors == len(results) else "FINISHED"
-    front = tracker.finalize_sweep(parent, objectives, status=status, errored=errored, stopped=stopped)
+    front = tracker.finalize_sweep(parent, objectives, status=status, errored=errored, stopped=ledger.stopped)
     if errors:
         tracker.set_tags(parent, {"trials_failed": errors})
     if interrupted:
-        tracker.set_tags(parent, {"prunetune.interrupted": "true"})
-        _logger.warning("sweep %s interrupted after %d of %d trials started", name, len(results), exp.sweep.num_samples)
-    return SweepOutcome(name, parent, uri, exp.tracking.experiment, front, len(results), errors, len(stopped), interrupted)
+        tracker.set_tags(parent, {INTERRUPTED_TAG: "true"})
+        _logger.warning(
+            "sweep %s interrupted after %d of %d trials started; continue it with: prunetune sweep CONFIG --resume %s",
+            name, len(results), exp.sweep.num_samples, name,
+        )
+    stopped = sum(r.data.tags.get(STOPPED_EARLY_TAG) == "true" for r in tracker.children(parent))
+    return SweepOutcome(name, parent, uri, exp.tracking.experiment, front, len(results), errors, stopped, interrupted)

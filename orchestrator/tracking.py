@@ -35,6 +35,8 @@ SEARCHED_TAG = "prunetune.searched_params"
 OBJECTIVES_TAG = "prunetune.objectives"
 PARENT_TAG = "mlflow.parentRunId"
 PARETO_TAG = "pareto"
+STOPPED_EARLY_TAG = "prunetune.stopped_early"  # a trial ASHA stopped
+INTERRUPTED_TAG = "prunetune.interrupted"  # a sweep, or a trial, cut short by an interrupt
 _CREDENTIALS = re.compile(r"(://[^/:@\s]*:)[^@/\s]+@")  # the user may be empty: redis://:pw@host
 _SECRET_KEYS = re.compile(r"(password|secret|credential|access_key|api_key|auth_token)", re.IGNORECASE)
 _MAX_PARAM_LEN = 6000
@@ -103,7 +105,7 @@ def _artifact_location(uri: str) -> str | None:
     return (Path(uri[len("sqlite:///"):]).parent / "mlartifacts").as_uri()
 
 
-def _param_value(key: str, value: Any) -> str:
+def param_value(key: str, value: Any) -> str:
     text = "***" if _SECRET_KEYS.search(key) and value else redact(json.dumps(value) if isinstance(value, (list, tuple, dict)) else str(value))
     return text[:_MAX_PARAM_LEN]
 
@@ -143,6 +145,23 @@ class Tracker:
         self.log_params(run.info.run_id, params)
         return run.info.run_id
 
+    def find_sweep_run(self, name: str):
+        """The parent run of the sweep named ``name``, or None."""
+        exp = self.client.get_experiment_by_name(self.experiment)
+        if exp is None:
+            return None
+        runs = self.client.search_runs(
+            [exp.experiment_id], filter_string=f"tags.`{ROLE_TAG}` = 'sweep' AND tags.`{SWEEP_TAG}` = '{name}'", max_results=1,
+        )
+        return runs[0] if runs else None
+
+    def reopen(self, run_id: str) -> None:
+        """Mark an ended run RUNNING again (a resumed sweep or trial), dropping its interrupted tag."""
+        client = self.client
+        client.update_run(run_id, status="RUNNING")
+        if INTERRUPTED_TAG in client.get_run(run_id).data.tags:
+            client.delete_tag(run_id, INTERRUPTED_TAG)
+
     def find_trial_run(self, parent_id: str, trial_id: str) -> str | None:
         """The child run of a trial already started once (a restarted trial keeps its run)."""
         runs = self.client.search_runs(
@@ -155,7 +174,7 @@ class Tracker:
     def log_params(self, run_id: str, params: dict[str, Any]) -> None:
         from mlflow.entities import Param
 
-        items = [Param(k, _param_value(k, v)) for k, v in sorted(params.items())]
+        items = [Param(k, param_value(k, v)) for k, v in sorted(params.items())]
         for chunk in _chunks(items, 100):
             self.client.log_batch(run_id, params=chunk)
 
@@ -236,15 +255,15 @@ class Tracker:
 
     def _end_unfinished_trial(self, run, errored: set[str], stopped: set[str]) -> None:
         trial_id, run_id = run.data.tags.get(TRIAL_TAG), run.info.run_id
-        if trial_id in stopped:
+        if trial_id in stopped or run.data.tags.get(STOPPED_EARLY_TAG) == "true":  # now, or before a resume
             self.end_run(run_id, "KILLED")
-            self.set_tags(run_id, {"prunetune.stopped_early": "true"})
+            self.set_tags(run_id, {STOPPED_EARLY_TAG: "true"})
         elif trial_id in errored:
             if run.info.status != "FAILED":  # its driver died before it could say so
                 self.end_run(run_id, "FAILED")
         else:
             self.end_run(run_id, "KILLED")
-            self.set_tags(run_id, {"prunetune.interrupted": "true"})
+            self.set_tags(run_id, {INTERRUPTED_TAG: "true"})
 
     def _log_front_artifacts(self, parent_id: str, rows: list[dict], all_rows: list[dict], objectives) -> None:
         table = [{"run_id": r["run_id"], "run_name": r["run_name"], **r["params"], **r["metrics"]} for r in rows]

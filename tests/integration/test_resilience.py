@@ -84,7 +84,7 @@ def test_killed_worker_resumes_from_latest_checkpoint(tmp_path, digits_dir):
     assert (trial_dir / "checkpoint_epoch_0002" / "state.pt").is_file()
 
 
-def test_ctrl_c_ends_the_sweep_killed_and_keeps_what_was_recorded(tmp_path, digits_dir):
+def test_ctrl_c_ends_the_sweep_killed_and_resume_finishes_it(tmp_path, digits_dir, run_cli):
     config = _dense_config(tmp_path, digits_dir, num_samples=2)
     with open(tmp_path / "out.log", "w") as out_log, open(tmp_path / "err.log", "w") as err_log:
         proc = subprocess.Popen(
@@ -110,6 +110,26 @@ def test_ctrl_c_ends_the_sweep_killed_and_keeps_what_was_recorded(tmp_path, digi
     (trial_dir,) = (tmp_path / "runs" / "intr").glob("trial_*")
     assert (trial_dir / "checkpoint_epoch_0000" / "state.pt").is_file()
     assert "pareto_front.png" in {a.path for a in client.list_artifacts(parent.info.run_id)}
+
+    # Resume: the same parent run, the interrupted trial from its checkpoint, then the rest.
+    bad = run_cli("sweep", str(config), "--resume", "nope", cwd=tmp_path)
+    assert bad.returncode == 2 and "--resume nope" in bad.stderr.strip().splitlines()[-1]
+    changed = run_cli("sweep", str(config), "--resume", "intr", "--set", "train.epochs=4", cwd=tmp_path)
+    assert changed.returncode == 2 and "train.epochs is 4 but the sweep ran with 3" in changed.stderr
+    proc = run_cli("sweep", str(config), "--resume", "intr", cwd=tmp_path)
+    assert proc.returncode == 0, proc.stderr[-5000:]
+    assert "resuming trial at epoch" in proc.stderr  # 1 or 2: Tune lets a trial run on briefly after Ctrl+C
+    client, trials = _trials(tmp_path)
+    assert len(trials) == 2 and all(t.info.status == "FINISHED" for t in trials)
+    assert all("prunetune.interrupted" not in t.data.tags and "latency_ms" in t.data.metrics for t in trials)
+    resumed = client.get_run(trial.info.run_id)
+    steps = [m.step for m in client.get_metric_history(resumed.info.run_id, "val_top1")]
+    assert set(steps) == {0, 1, 2} and steps.count(0) == 1  # went on from its checkpoint, did not start over
+    parent = client.get_run(parent.info.run_id)
+    assert parent.info.status == "FINISHED" and "prunetune.interrupted" not in parent.data.tags
+    assert any(t.data.tags["pareto"] == "true" for t in trials)
+    again = run_cli("sweep", str(config), "--resume", "intr", cwd=tmp_path)
+    assert again.returncode == 2 and "already finished" in again.stderr
 
 
 def test_asha_stops_trials_early_and_keeps_them_off_the_front(tmp_path, digits_dir, run_cli):
