@@ -92,15 +92,16 @@ def run_trial(config: dict[str, Any]) -> None:
     run_id = tracker.find_trial_run(parent, trial_id)
     if run_id:  # a trial restarted by Ray, or resumed with its sweep: same run, same checkpoints
         tracker.reopen(run_id)
-    run_id = run_id or tracker.start_run(
-        name=f"trial_{trial_id}",
-        params=to_flat_dict(exp),
-        tags={
-            ROLE_TAG: "trial", TRIAL_TAG: trial_id, SWEEP_TAG: config["sweep_name"],
-            "method": exp.method, "backbone": exp.model.name,
-        },
-        parent_id=parent,
-    )
+    else:
+        run_id = tracker.start_run(
+            name=f"trial_{trial_id}",
+            params=to_flat_dict(exp),
+            tags={
+                ROLE_TAG: "trial", TRIAL_TAG: trial_id, SWEEP_TAG: config["sweep_name"],
+                "method": exp.method, "backbone": exp.model.name,
+            },
+            parent_id=parent,
+        )
     trainer = _trainer(
         exp, "trial", f"trial_{trial_id}", config["storage_path"],
         callbacks=[TuneReportCallback(), MlflowReportCallback(tracker, run_id)],

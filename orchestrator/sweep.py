@@ -262,18 +262,17 @@ def run_sweep(
                 callbacks=[_Progress(exp.train.epochs, name)],
             ),
         )
-    ledger = _ledger(name)
+    ledger = _ledger(name)  # _Progress keeps trials ASHA stopped out of ``errored``, however their driver ended
     try:
         results = tuner.fit()
     except BaseException:
-        tracker.finalize_sweep(parent, objectives, status="KILLED", errored=ledger.errored - ledger.stopped, stopped=ledger.stopped)
+        tracker.finalize_sweep(parent, objectives, status="KILLED", errored=ledger.errored, stopped=ledger.stopped)
         raise
-    errored = ledger.errored - ledger.stopped  # a trial ASHA stopped is not a failure, however its driver ended
-    errors = len(errored)
+    errors = len(ledger.errored)
     # Ctrl+C (SIGINT) makes Tune end the run gracefully and return: trials left unfinished or never started.
     interrupted = results.num_terminated + results.num_errors < len(results) or len(results) < exp.sweep.num_samples
     status = "KILLED" if interrupted else "FAILED" if errors == len(results) else "FINISHED"
-    front = tracker.finalize_sweep(parent, objectives, status=status, errored=errored, stopped=ledger.stopped)
+    front = tracker.finalize_sweep(parent, objectives, status=status, errored=ledger.errored, stopped=ledger.stopped)
     if errors:
         tracker.set_tags(parent, {"trials_failed": errors})
     if interrupted:

@@ -14,8 +14,8 @@ import logging
 import os
 import re
 import time
-from pathlib import Path
 from contextlib import contextmanager
+from pathlib import Path
 from typing import Any, Iterable, Iterator, Sequence
 from urllib.parse import urlparse
 
