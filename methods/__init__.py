@@ -10,6 +10,7 @@ ensure_torchvision_importable()
 from . import dense, dynamicvit  # noqa: E402  (registers the methods)
 from .backbone import BackboneConfig, CheckpointError, create_backbone, load_backbone_weights  # noqa: E402
 from .base import (  # noqa: E402
+    Geometry,
     LossOutput,
     MethodConfig,
     MethodOutput,
@@ -24,7 +25,7 @@ from .measure import MeasureConfig, count_gflops, measure_pair  # noqa: E402
 
 __all__ = [
     "BackboneConfig", "CheckpointError", "create_backbone", "load_backbone_weights",
-    "LossOutput", "MethodConfig", "MethodOutput", "SparsityMethod", "StepHooks", "UnknownMethodError",
+    "Geometry", "LossOutput", "MethodConfig", "MethodOutput", "SparsityMethod", "StepHooks", "UnknownMethodError",
     "get_method", "list_methods", "register_method",
     "MeasureConfig", "count_gflops", "measure_pair",
 ]

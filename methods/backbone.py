@@ -60,10 +60,11 @@ def create_backbone(cfg: BackboneConfig) -> VisionTransformer:
     model = timm.create_model(cfg.name, pretrained=False, **cfg.timm_kwargs())
     if not isinstance(model, VisionTransformer):
         raise ValueError(f"timm model {cfg.name!r} is a {type(model).__name__}, not a VisionTransformer")
-    if model.global_pool != "token" or model.num_prefix_tokens != 1:
+    prefix = 2 if getattr(model, "dist_token", None) is not None else 1  # DeiT's distillation token
+    if model.global_pool != "token" or model.num_prefix_tokens != prefix:
         raise NotImplementedError(
-            f"{cfg.name!r}: only CLS-token ViTs (global_pool='token', one prefix token) are supported, "
-            f"got global_pool={model.global_pool!r}, num_prefix_tokens={model.num_prefix_tokens}"
+            f"{cfg.name!r}: only CLS-token ViTs (global_pool='token'; CLS, plus DeiT's distillation token) "
+            f"are supported, got global_pool={model.global_pool!r}, num_prefix_tokens={model.num_prefix_tokens}"
         )
     return model
 

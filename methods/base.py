@@ -17,12 +17,14 @@ from __future__ import annotations
 
 import dataclasses
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any, Callable, ClassVar, Generic, TypeVar
 
 import torch
 from torch import nn
 
 __all__ = [
+    "Geometry",
     "MethodConfig",
     "MethodOutput",
     "LossOutput",
@@ -38,11 +40,42 @@ TaskLoss = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
 
 
 @dataclass(frozen=True)
+class Geometry:
+    """What a method's config is checked against: the backbone's shape, not its weights.
+
+    Attributes:
+        depth: transformer blocks.
+        num_patches: patch tokens (prefix tokens excluded), e.g. 196 for DeiT at 224 px.
+        grid: patch grid ``(rows, cols)``.
+        embed_dim: channels C.
+        num_heads: attention heads.
+        num_prefix_tokens: CLS (and distillation) tokens before the patches.
+    """
+
+    depth: int
+    num_patches: int
+    grid: tuple[int, int]
+    embed_dim: int
+    num_heads: int
+    num_prefix_tokens: int = 1
+
+    @classmethod
+    def of(cls, vit: nn.Module) -> "Geometry":
+        """The geometry of a timm ``VisionTransformer`` (works on the meta device)."""
+        grid = tuple(int(g) for g in vit.patch_embed.grid_size)
+        return cls(
+            depth=len(vit.blocks), num_patches=int(vit.patch_embed.num_patches), grid=grid,
+            embed_dim=int(vit.embed_dim), num_heads=int(vit.blocks[0].attn.num_heads),
+            num_prefix_tokens=int(vit.num_prefix_tokens),
+        )
+
+
+@dataclass(frozen=True)
 class MethodConfig:
     """Base of every method's frozen config dataclass (paper defaults as field defaults)."""
 
-    def validate_for(self, depth: int) -> None:
-        """Check the config against a backbone of ``depth`` blocks; raise ``ValueError`` if it cannot apply."""
+    def validate_for(self, geometry: Geometry) -> None:
+        """Check the config against a backbone's ``geometry``; raise ``ValueError`` naming the value that cannot apply."""
 
     @classmethod
     def field_names(cls) -> tuple[str, ...]:
@@ -97,7 +130,9 @@ class SparsityMethod(Generic[C]):
     Attributes:
         name: the registry key (the module's name, e.g. ``"dynamicvit"``).
         config_cls: the frozen ``MethodConfig`` dataclass holding the paper's defaults.
-        needs_teacher: the loop passes the frozen dense backbone's output as ``teacher``.
+        needs_teacher: the loop passes the frozen dense backbone's output as ``teacher`` (see ``uses_teacher``).
+        needs_pretrained: the method starts from trained dense weights (the sweep trains them first
+            when none are given); False for methods trained from scratch.
         find_unused_parameters: some parameters get no gradient on some steps (e.g. early exits),
             so DDP must be told.
     """
@@ -105,11 +140,31 @@ class SparsityMethod(Generic[C]):
     name: ClassVar[str]
     config_cls: ClassVar[type[MethodConfig]]
     needs_teacher: ClassVar[bool] = False
+    needs_pretrained: ClassVar[bool] = True
     find_unused_parameters: ClassVar[bool] = False
+
+    def uses_teacher(self, cfg: C) -> bool:
+        """Whether training with ``cfg`` needs the frozen dense teacher's output (default: ``needs_teacher``)."""
+        return self.needs_teacher
+
+    def resolve(self, cfg: C, base: nn.Module, device: torch.device, cache_dir: Path | None = None) -> C:
+        """Settle what depends on the device before ``build_model`` (e.g. a latency-targeted keep schedule).
+
+        Runs once per run, on one rank (the orchestrator broadcasts the result to the others), with
+        ``cache_dir`` a folder for measurements worth reusing across runs on the same device.
+        Default: ``cfg`` unchanged.
+        """
+        return cfg
 
     def build_model(self, cfg: C, base: nn.Module) -> nn.Module:
         """Wrap or modify the trained dense ``base`` into the method's model (forward -> ``MethodOutput``)."""
         raise NotImplementedError
+
+    def convert_reference_state(self, state: dict[str, torch.Tensor], cfg: C) -> dict[str, torch.Tensor]:
+        """Map a state dict laid out as the method's reference code saves it (its model-zoo checkpoints)
+        to this model's keys, through an explicit key map. ``load_reference_checkpoint`` then refuses
+        any key that differs. Default: the method publishes no checkpoints of its own."""
+        raise NotImplementedError(f"method {self.name!r} has no reference checkpoint layout to convert")
 
     def loss(
         self,

@@ -13,10 +13,12 @@ Inference really drops them: the top ``int(N * rho**k)`` patch tokens by keep sc
 against the frozen dense backbone as teacher.
 
 Differences from the reference:
-    * The masked softmax is timm's own attention with an additive mask ``log(p' + 1e-6)``
-      (``methods._common.policy_attn_mask``) instead of a copied attention with
-      ``softmax_with_policy``; the two put eps in slightly different places (outputs agree to
-      ~1e-5) and give the policy the same gradient. No attention code is copied from timm.
+    * The masked softmax (``methods._common.policy_attention``, on timm's own attention weights)
+      has no eps: a dropped key gets exactly zero weight, where the reference's
+      ``(e + eps/N) / (sum e + eps)`` leaks ``eps * exp(gap)`` to a dropped key whose logit exceeds
+      the kept ones by ``gap`` (0.5 in the logits at gaps of ~75, which trained ViTs reach). With
+      hard decisions the training forward therefore equals the forward that really drops the
+      tokens, at any logit range; the policy's gradient is that of the paper's multiplicative form.
     * The predictor's policy-weighted mean divides by ``max(sum(policy), 1e-6)``, so a sample whose
       tokens were all dropped gives zeros instead of NaN.
     * The backbone learning rate is ``backbone_lr_scale * lr`` from the first step; the reference's
@@ -33,8 +35,8 @@ import torch.nn.functional as F
 from torch import nn
 from timm.models.vision_transformer import VisionTransformer
 
-from ._common import gather_tokens, policy_attn_mask, vit_head, vit_stem
-from .base import LossOutput, MethodConfig, MethodOutput, SparsityMethod, TaskLoss, register_method, split_decay
+from ._common import block_forward, check_block, gather_tokens, policy_attention, vit_head, vit_stem
+from .base import Geometry, LossOutput, MethodConfig, MethodOutput, SparsityMethod, TaskLoss, register_method, split_decay
 
 __all__ = ["DynamicViTConfig", "DynamicViTPredictor", "DynamicViT", "DynamicViTMethod"]
 
@@ -76,9 +78,18 @@ class DynamicViTConfig(MethodConfig):
         if not loc or any(b <= a for a, b in zip(loc, loc[1:])) or loc[0] < 0:
             raise ValueError(f"pruning_loc must be non-empty, strictly increasing and >= 0, got {list(loc)}")
 
-    def validate_for(self, depth: int) -> None:
-        if self.pruning_loc[-1] >= depth:
-            raise ValueError(f"pruning_loc {list(self.pruning_loc)} needs more than {depth} blocks")
+    def validate_for(self, geometry: Geometry) -> None:
+        if self.pruning_loc[-1] >= geometry.depth:
+            raise ValueError(f"pruning_loc {list(self.pruning_loc)} needs more than {geometry.depth} blocks")
+        if min(self.keep_counts(geometry.num_patches)) < 1:
+            raise ValueError(
+                f"keep_ratio {self.keep_ratio} keeps no token of {geometry.num_patches} patches "
+                f"by stage {len(self.pruning_loc)} (int({geometry.num_patches} * {self.keep_ratio}**{len(self.pruning_loc)}) = 0)"
+            )
+
+    def keep_counts(self, num_patches: int) -> list[int]:
+        """Patch tokens kept at each stage: ``int(N * rho**k)``, floor as in the reference."""
+        return [int(num_patches * r) for r in self.stage_ratios()]
 
     def stage_ratios(self) -> list[float]:
         """Keep ratio of each stage relative to all patches: rho, rho**2, ... (the reference's expression)."""
@@ -111,15 +122,14 @@ class DynamicViT(nn.Module):
 
     def __init__(self, vit: VisionTransformer, cfg: DynamicViTConfig) -> None:
         super().__init__()
-        cfg.validate_for(len(vit.blocks))
+        cfg.validate_for(Geometry.of(vit))
+        for blk in vit.blocks:
+            check_block(blk)
         self.vit = vit
         self.cfg = cfg
         self.pruning_loc = cfg.pruning_loc
         self.predictors = nn.ModuleList(DynamicViTPredictor(vit.embed_dim) for _ in cfg.pruning_loc)
-        num_patches = vit.patch_embed.num_patches
-        self.keep_counts = [int(num_patches * r) for r in cfg.stage_ratios()]  # floor, as the reference
-        if min(self.keep_counts) < 1:
-            raise ValueError(f"keep_ratio {cfg.keep_ratio} keeps no token of {num_patches} by the last stage")
+        self.keep_counts = cfg.keep_counts(vit.patch_embed.num_patches)
 
     def forward(self, x: torch.Tensor) -> MethodOutput:
         x = vit_stem(self.vit, x)
@@ -129,7 +139,7 @@ class DynamicViT(nn.Module):
         npre = self.vit.num_prefix_tokens
         prev = x.new_ones(x.shape[0], x.shape[1] - npre, 1)
         prefix = x.new_ones(x.shape[0], npre)
-        decisions, mask, stage = [], None, 0
+        decisions, policy, stage = [], None, 0
         for i, blk in enumerate(self.vit.blocks):
             if stage < len(self.pruning_loc) and i == self.pruning_loc[stage]:
                 logp = self.predictors[stage](x[:, npre:], prev)
@@ -137,9 +147,9 @@ class DynamicViT(nn.Module):
                 keep = F.gumbel_softmax(logp, tau=self.cfg.gumbel_tau, hard=True)[..., :1] * prev
                 decisions.append(keep.squeeze(-1))
                 prev = keep
-                mask = policy_attn_mask(torch.cat([prefix, keep.squeeze(-1)], dim=1)).to(_attn_dtype(x))
+                policy = torch.cat([prefix, keep.squeeze(-1)], dim=1)
                 stage += 1
-            x = blk(x) if mask is None else blk(x, attn_mask=mask)
+            x = blk(x) if policy is None else block_forward(blk, x, lambda h: policy_attention(blk.attn, h, policy))
         logits, tokens = vit_head(self.vit, x)
         return MethodOutput(logits, {"decisions": decisions, "tokens": tokens, "final_mask": prev.squeeze(-1).detach()})
 
@@ -156,13 +166,6 @@ class DynamicViT(nn.Module):
             x = blk(x)
         logits, tokens = vit_head(self.vit, x)
         return MethodOutput(logits, {"tokens": tokens})
-
-
-def _attn_dtype(x: torch.Tensor) -> torch.dtype:
-    """The dtype attention's queries will have (the autocast dtype under AMP), which SDPA's mask must match."""
-    if torch.is_autocast_enabled(x.device.type):
-        return torch.get_autocast_dtype(x.device.type)
-    return x.dtype
 
 
 @register_method("dynamicvit")

@@ -28,7 +28,7 @@ from typing import Any, Literal, Union
 import torch
 import yaml
 
-from methods import BackboneConfig, create_backbone, MeasureConfig, MethodConfig, UnknownMethodError, get_method
+from methods import BackboneConfig, create_backbone, Geometry, MeasureConfig, MethodConfig, UnknownMethodError, get_method
 
 from .errors import ConfigError
 
@@ -298,21 +298,19 @@ def _validated(exp: ExperimentConfig, where: str) -> ExperimentConfig:
     except UnknownMethodError as e:
         raise ConfigError(f"{where}: {e}") from None
     try:
-        exp.method_config.validate_for(_backbone_depth(exp.model))
+        exp.method_config.validate_for(backbone_geometry(exp.model))
     except ValueError as e:
         raise ConfigError(f"{where}: {e}") from None
     return exp
 
 
 @functools.lru_cache(maxsize=64)
-def _backbone_depth(model: BackboneConfig) -> int:
-    """Blocks of the configured backbone: the override, else timm's (built on the meta device: no memory, no init)."""
-    if model.depth is not None:
-        return model.depth
+def backbone_geometry(model: BackboneConfig) -> Geometry:
+    """Depth, patches, channels of the configured backbone (built on the meta device: no memory, no init)."""
     try:
         with torch.device("meta"):
-            return len(create_backbone(replace(model, pretrained=None)).blocks)
-    except (ValueError, NotImplementedError, RuntimeError) as e:
+            return Geometry.of(create_backbone(replace(model, pretrained=None)))
+    except (ValueError, NotImplementedError, RuntimeError, TypeError, AssertionError) as e:
         raise ValueError(f"model: {e}") from None
 
 

@@ -8,7 +8,7 @@ import torch
 import torch.nn.functional as F
 
 import methods.dynamicvit as dyn
-from methods import BackboneConfig, MethodOutput, create_backbone, get_method
+from methods import BackboneConfig, Geometry, MethodOutput, create_backbone, get_method
 from methods._common import gather_tokens, policy_attn_mask
 from methods.dynamicvit import DynamicViT, DynamicViTConfig
 
@@ -29,7 +29,8 @@ def _record_blocks(model: DynamicViT):
     """Hooks that record each block's input and output tokens; returns (inputs, outputs, handles)."""
     inputs, outputs, handles = {}, {}, []
     for i, blk in enumerate(model.vit.blocks):
-        handles.append(blk.register_forward_pre_hook(lambda m, a, i=i: inputs.__setitem__(i, a[0].detach())))
+        # norm1 sees each block's input whether the block runs as timm's forward or through block_forward
+        handles.append(blk.norm1.register_forward_pre_hook(lambda m, a, i=i: inputs.__setitem__(i, a[0].detach())))
         handles.append(blk.register_forward_hook(lambda m, a, o, i=i: outputs.__setitem__(i, o.detach())))
     return inputs, outputs, handles
 
@@ -427,7 +428,7 @@ def test_config_rejects_invalid_values(kwargs, field):
 def test_pruning_loc_beyond_depth_raises(tiny_vit, loc):
     cfg = DynamicViTConfig(pruning_loc=loc)
     with pytest.raises(ValueError, match="pruning_loc"):
-        cfg.validate_for(6)
+        cfg.validate_for(Geometry(6, 64, (8, 8), 96, 3))
     with pytest.raises(ValueError, match="pruning_loc"):
         DynamicViT(tiny_vit, cfg)
-    DynamicViTConfig(pruning_loc=(1, 3, 5)).validate_for(6)  # the last block is a valid location
+    DynamicViTConfig(pruning_loc=(1, 3, 5)).validate_for(Geometry(6, 64, (8, 8), 96, 3))  # the last block is a valid location
