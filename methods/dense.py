@@ -41,3 +41,8 @@ class DenseMethod(SparsityMethod[DenseConfig]):
 
     def build_model(self, cfg: DenseConfig, base: nn.Module) -> nn.Module:
         return DenseViT(base)
+
+    def convert_reference_state(self, state: dict[str, torch.Tensor], cfg) -> dict[str, torch.Tensor]:
+        """A timm/DeiT release (e.g. ``deit_small_patch16_224``'s ``{"model": ...}``) is this model's
+        published layout: the backbone's keys under ``vit.``."""
+        return {"vit." + k: v for k, v in state.items()}

@@ -41,6 +41,8 @@ from .base import Geometry, LossOutput, MethodConfig, MethodOutput, SparsityMeth
 __all__ = ["DynamicViTConfig", "DynamicViTPredictor", "DynamicViT", "DynamicViTMethod"]
 
 _FROZEN = ("cls_token", "pos_embed")
+#: Top-level names of a timm/DeiT ViT's parameters, as the reference checkpoints store them.
+_BACKBONE_ROOTS = ("cls_token", "dist_token", "pos_embed", "patch_embed", "blocks", "norm", "fc_norm", "head", "head_dist", "norm_pre")
 
 
 @dataclass(frozen=True)
@@ -207,6 +209,20 @@ class DynamicViTMethod(SparsityMethod[DynamicViTConfig]):
         predictor = [(n, p) for n, p in named if "predictors." in n]
         backbone = [(n, p) for n, p in named if "predictors." not in n]
         return split_decay(predictor, lr, weight_decay) + split_decay(backbone, lr, weight_decay, cfg.backbone_lr_scale)
+
+    def convert_reference_state(self, state: dict[str, torch.Tensor], cfg: DynamicViTConfig) -> dict[str, torch.Tensor]:
+        """The authors' layout (``VisionTransformerDiffPruning``: timm/DeiT backbone keys at the top
+        level, ``score_predictor.{k}.in_conv.{0,1}`` / ``.out_conv.{0,2,4}``) -> this model's keys.
+        Keys the map does not know are passed through unchanged, so they show up as unexpected."""
+        out = {}
+        for key, value in state.items():
+            if key.startswith("score_predictor."):
+                out["predictors." + key[len("score_predictor."):]] = value
+            elif key.split(".", 1)[0] in _BACKBONE_ROOTS:
+                out["vit." + key] = value
+            else:
+                out[key] = value
+        return out
 
     def stats(self, model: nn.Module, out: MethodOutput | None = None) -> dict[str, float]:
         """Mean kept fraction per stage of a training output (``keep_ratio_stage{k}``)."""

@@ -7,7 +7,6 @@ recorded.
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import json
 import logging
 import sys
@@ -30,7 +29,7 @@ def _cmd_data(args: argparse.Namespace) -> int:
 
 def _load(args: argparse.Namespace):
     from .config import apply_overrides, load_experiment, parse_set_args
-    from .search_space import load_search_space
+    from .search_space import load_sweep_space
 
     exp = load_experiment(args.config, parse_set_args(args.set))
     extra = {}
@@ -40,8 +39,7 @@ def _load(args: argparse.Namespace):
         extra["tracking.experiment"] = args.experiment
     if extra:
         exp = apply_overrides(exp, extra)
-    ref = exp.sweep.search_space or exp.method
-    space = load_search_space(ref, exp, base=Path(args.config).resolve().parent)
+    space = load_sweep_space(exp, base=Path(args.config).resolve().parent)
     return exp, space
 
 
@@ -53,8 +51,9 @@ def _cmd_validate(args: argparse.Namespace) -> int:
     counts = check_image_folder(exp.data.path)
     uri = resolve_uri(exp.tracking.uri)
     check_reachable(uri)
-    print(f"config ok: method {exp.method} on {exp.model.name}; data {counts}; tracking {redact(uri)}")
-    print(f"search space {space.source}: {', '.join(space.names())}")
+    print(f"config ok: method {', '.join(space.methods())} on {exp.model.name}; data {counts}; tracking {redact(uri)}")
+    for arm in space.arms:
+        print(f"search space of {arm.method} ({arm.space.source}): {', '.join(arm.space.names())}")
     return 0
 
 
@@ -111,13 +110,68 @@ def _cmd_quickstart(args: argparse.Namespace) -> int:
 
 
 def _cmd_methods(args: argparse.Namespace) -> int:
-    import methods
+    from .catalog import method_catalog
 
-    for name in methods.list_methods():
-        method = methods.get_method(name)
-        defaults = {f.name: f.default for f in dataclasses.fields(method.config_cls)}
-        print(f"{name}: needs_teacher={method.needs_teacher} defaults={defaults}")
+    catalog = method_catalog()
+    if args.json:
+        print(json.dumps(catalog, indent=2, default=str))
+        return 0
+    for entry in catalog:
+        flags = ", ".join(k for k in ("needs_pretrained", "needs_teacher") if entry[k]) or "no dense weights needed"
+        print(f"{entry['name']} ({flags}): {entry['summary']}")
+        rows = [["parameter", "default", "searched (search_spaces/%s.yaml)" % entry["name"]]]
+        for p in entry["parameters"]:
+            rows.append([p["name"], json.dumps(p["default"]), p["search"] or "-"])
+        for p in entry["searched_elsewhere"]:
+            rows.append([p["name"], "", p["search"]])
+        widths = [max(len(r[i]) for r in rows) for i in range(3)]
+        for r in rows:
+            print("  " + "  ".join(c.ljust(w) for c, w in zip(r, widths)).rstrip())
+        print()
     return 0
+
+
+def _cmd_eval(args: argparse.Namespace) -> int:
+    from .config import ExperimentConfig, apply_overrides, experiment_from_dict, load_experiment, parse_set_args
+    from .data import DataError
+    from .evaluate import evaluate_checkpoint
+
+    sets = parse_set_args(args.set)
+    if args.config:
+        exp = load_experiment(args.config, sets)
+    else:
+        if not args.method or not args.backbone:
+            raise UserError("eval needs --method and --backbone (or --config)")
+        exp = experiment_from_dict({"method": args.method, "model": {"name": args.backbone}})
+        exp = apply_overrides(exp, {**({"model.num_classes": _count_classes(args.data)} if args.data else {}), **sets})
+    if args.data:
+        exp = apply_overrides(exp, {"data.path": str(Path(args.data).resolve())})
+    if not exp.data.path:
+        raise UserError("eval needs --data (an image folder with val/<class>/...)")
+    try:
+        result = evaluate_checkpoint(exp, args.checkpoint, layout=args.layout, device=args.device)
+    except DataError as e:
+        raise UserError(str(e)) from None
+    if args.json:
+        print(json.dumps(result, indent=2))
+        return 0
+    m = result["metrics"]
+    print(f"{result['method']} on {result['backbone']} ({result['checkpoint_layout']} checkpoint), {result['device']}:")
+    print(f"  val top-1 {m['val_top1']:.2f}%, top-5 {m['val_top5']:.2f}%")
+    print(f"  latency {m['latency_ms']:.3f} ms (dense {m['dense_latency_ms']:.3f}, speed-up {m['speedup']:.2f}x)")
+    print(f"  throughput {m['throughput_ips']:.1f} img/s (dense {m['dense_throughput_ips']:.1f}, {m['throughput_ratio']:.2f}x)")
+    print(f"  {m['gflops']:.3f} GFLOPs (dense {m['dense_gflops']:.3f}, bound {m['dense_gflops'] / m['gflops']:.2f}x)")
+    return 0
+
+
+def _count_classes(data: str) -> int:
+    val = Path(data) / "val"
+    if not val.is_dir():
+        raise UserError(f"data folder {data!r} has no val/ folder with one folder per class")
+    n = sum(p.is_dir() for p in val.iterdir())
+    if n == 0:
+        raise UserError(f"data folder {data!r}: val/ has no class folders")
+    return n
 
 
 def format_front(rows: list[dict]) -> str:
@@ -175,13 +229,26 @@ def _parser() -> argparse.ArgumentParser:
     pa.add_argument("--json", action="store_true", help="machine-readable output")
     pa.set_defaults(func=_cmd_pareto)
 
-    q = sub.add_parser("quickstart", help="digits + dense tiny ViT + a DynamicViT sweep, all in one folder")
+    q = sub.add_parser("quickstart", help="digits + dense tiny ViT + a DynamicViT and ToMe sweep, all in one folder")
     q.add_argument("--out", default="prunetune-quickstart", help="folder for everything it writes")
-    q.add_argument("--num-samples", type=int, default=6, help="trials in the sweep")
+    q.add_argument("--num-samples", type=int, default=8, help="trials in the sweep")
     q.set_defaults(func=_cmd_quickstart)
 
-    m = sub.add_parser("methods", help="list the registered methods and their defaults")
+    m = sub.add_parser("methods", help="list the registered methods: parameters, defaults, searched ranges")
+    m.add_argument("--json", action="store_true", help="machine-readable output")
     m.set_defaults(func=_cmd_methods)
+
+    e = sub.add_parser("eval", help="evaluate and measure one model from a checkpoint (a trial's, or a published one)")
+    e.add_argument("--checkpoint", required=True, help="path or s3:// URI: prunetune's layout, or the method authors' (model zoo)")
+    e.add_argument("--method", help="registered method (see prunetune methods)")
+    e.add_argument("--backbone", help="timm model name, e.g. deit_small_patch16_224")
+    e.add_argument("--config", help="or take method, model, data and measure settings from a sweep config")
+    e.add_argument("--data", help="image folder with val/<class>/... (classes counted for the head size)")
+    e.add_argument("--set", action="append", metavar="KEY=VALUE", help="override a method or config field (keep_ratio=0.7, model.img_size=384)")
+    e.add_argument("--layout", choices=["auto", "prunetune", "reference"], default="auto", help="checkpoint key layout (default: try both)")
+    e.add_argument("--device", help="torch device (default: cuda if available, else cpu)")
+    e.add_argument("--json", action="store_true", help="machine-readable output")
+    e.set_defaults(func=_cmd_eval)
     return p
 
 

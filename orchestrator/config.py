@@ -33,7 +33,7 @@ from methods import BackboneConfig, create_backbone, Geometry, MeasureConfig, Me
 from .errors import ConfigError
 
 __all__ = [
-    "DataConfig", "TrainConfig", "ResourcesConfig", "Objective", "AshaConfig", "SweepConfig",
+    "DataConfig", "TrainConfig", "ResourcesConfig", "Objective", "AshaConfig", "MethodArm", "SweepConfig", "arm_experiment",
     "TrackingConfig", "ExperimentConfig", "load_experiment", "experiment_from_dict", "apply_overrides",
     "to_flat_dict", "parse_set_args", "METRICS",
 ]
@@ -66,6 +66,9 @@ class DataConfig:
 class TrainConfig:
     """One training run (per-worker batch; the global batch is ``batch_size * num_workers``).
 
+    ``epochs: 0`` evaluates and measures the method's model as built (a training-free method such
+    as ToMe on a trained backbone): such a trial runs in its Tune actor, with no worker group.
+
     ``init_checkpoint`` starts from a prunetune checkpoint (e.g. a warm-up stage) when the run has
     none of its own yet; a run's own latest checkpoint always wins, so restarts resume exactly.
     """
@@ -84,7 +87,9 @@ class TrainConfig:
     checkpoints_to_keep: int = 2
 
     def __post_init__(self) -> None:
-        for name in ("epochs", "batch_size", "checkpoints_to_keep"):
+        if self.epochs < 0:
+            raise ValueError(f"epochs must be >= 0 (0: evaluate and measure without training), got {self.epochs}")
+        for name in ("batch_size", "checkpoints_to_keep"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
         if self.lr <= 0:
@@ -131,10 +136,38 @@ class AshaConfig:
 
 
 @dataclass(frozen=True)
+class MethodArm:
+    """One method of a sweep that searches several side by side (``sweep.methods``).
+
+    Attributes:
+        method: the method's config as in the top-level ``method`` section (``{name: tome, r: 8}``).
+        search_space: its search space (a path, or a shipped name); default: the method's own.
+        set: fixed overrides for its trials, flat keys (``{train.epochs: 0}``).
+    """
+
+    method: dict = field(default_factory=dict)
+    search_space: str = ""
+    set: dict = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        if not isinstance(self.method.get("name"), str):
+            raise ValueError(f"each of sweep.methods needs method: {{name: ...}}, got {self.method!r}")
+
+    @property
+    def name(self) -> str:
+        return self.method["name"]
+
+
+@dataclass(frozen=True)
 class SweepConfig:
-    """The search: a search-space file (a path, or the name of one in ``search_spaces/``) and Optuna."""
+    """The search: a search-space file (a path, or the name of one in ``search_spaces/``) and Optuna.
+
+    ``methods`` makes the method itself a searched choice: each arm brings its own config and
+    search space (a conditional space), and all trials land on one Pareto front.
+    """
 
     search_space: str = ""
+    methods: tuple[MethodArm, ...] = ()
     objectives: tuple[Objective, ...] = (Objective("val_top1", "max"), Objective("latency_ms", "min"))
     num_samples: int = 8
     max_concurrent_trials: int = 1
@@ -149,6 +182,9 @@ class SweepConfig:
             raise ValueError("objectives must name at least one metric")
         if self.num_samples < 1 or self.max_concurrent_trials < 1:
             raise ValueError("num_samples and max_concurrent_trials must be >= 1")
+        names = [a.name for a in self.methods]
+        if len(set(names)) != len(names):
+            raise ValueError(f"sweep.methods names a method twice: {names}")
 
 
 @dataclass(frozen=True)
@@ -301,7 +337,27 @@ def _validated(exp: ExperimentConfig, where: str) -> ExperimentConfig:
         exp.method_config.validate_for(backbone_geometry(exp.model))
     except ValueError as e:
         raise ConfigError(f"{where}: {e}") from None
+    for arm in exp.sweep.methods:
+        arm_experiment(exp, arm)
     return exp
+
+
+def arm_experiment(exp: ExperimentConfig, arm: MethodArm) -> ExperimentConfig:
+    """The config an arm's trials start from: ``exp`` with the arm's method and fixed overrides."""
+    fields_ = dict(arm.method)
+    name = str(fields_.pop("name"))
+    where = f"sweep.methods[{name}]"
+    base = replace(exp, method=name, method_config=_method_config(name, fields_, f"{where}.method"), sweep=replace(exp.sweep, methods=()))
+    try:
+        base.method_config.validate_for(backbone_geometry(base.model))
+    except ValueError as e:
+        raise ConfigError(f"{where}: {e}") from None
+    if not arm.set:
+        return base
+    try:
+        return apply_overrides(base, arm.set)
+    except ConfigError as e:
+        raise ConfigError(f"{where}.set: {e}") from None
 
 
 @functools.lru_cache(maxsize=64)
@@ -383,7 +439,7 @@ def _flatten(d: dict, prefix: str) -> dict[str, Any]:
     out = {}
     for k, v in d.items():
         key = f"{prefix}.{k}"
-        if isinstance(v, dict) and v and k != "points_to_evaluate":
+        if isinstance(v, dict) and v and k not in ("points_to_evaluate", "methods", "set"):
             out.update(_flatten(v, key))
         else:
             out[key] = v

@@ -112,3 +112,18 @@ def build_datasets(cfg: DataConfig, img_size: int) -> tuple[Dataset, Dataset]:
     )
     root = Path(cfg.path)
     return ImageFolder(str(root / "train"), transform=train_tf), ImageFolder(str(root / "val"), transform=val_tf)
+
+
+def build_val_dataset(cfg: DataConfig, img_size: int) -> Dataset:
+    """The ``val/`` split alone (``ROOT/val/<class>/...``) with timm's eval transform: enough to evaluate a model."""
+    from timm.data import create_transform
+    from torchvision.datasets import ImageFolder
+
+    val = Path(cfg.path) / "val"
+    if not val.is_dir() or not any(p.is_dir() for p in val.iterdir()):
+        raise DataError(f"data folder {cfg.path!r} has no val/ folder with one folder per class")
+    tf = create_transform(
+        input_size=img_size, is_training=False, interpolation=cfg.interpolation, crop_pct=cfg.crop_pct,
+        mean=cfg.mean, std=cfg.std,
+    )
+    return ImageFolder(str(val), transform=tf)

@@ -15,20 +15,26 @@ from dataclasses import asdict, replace
 from pathlib import Path
 from typing import Any
 
+import ray
 import ray.train
 import torch
 from ray import tune
+from ray.tune import PlacementGroupFactory
 from ray.train import CheckpointConfig, ScalingConfig, UserCallback
 from ray.train.torch import TorchConfig, TorchTrainer
 from ray.tune.integration.ray_train import TuneReportCallback
 
-from . import storage, worker
-from .config import ExperimentConfig, ResourcesConfig, apply_overrides, to_flat_dict
-from .tracking import ROLE_TAG, SWEEP_TAG, TRIAL_TAG, Tracker
+from methods.dense import DenseConfig
 
-__all__ = ["run_trial", "train_dense", "scaling_config", "MlflowReportCallback"]
+from . import loop, storage, worker
+from .config import ExperimentConfig, ResourcesConfig, to_flat_dict
+from .search_space import SweepSpace
+from .tracking import REFERENCE_ROLE, ROLE_TAG, SEARCHED_TAG, SWEEP_TAG, TRIAL_TAG, Tracker
+
+__all__ = ["run_trial", "train_dense", "scaling_config", "MlflowReportCallback", "TrialResources", "measure_reference", "evaluate_here"]
 
 _logger = logging.getLogger(__name__)
+_DRIVER_MEMORY = 512 * 1024**2
 
 
 def scaling_config(res: ResourcesConfig) -> tuple[ScalingConfig, TorchConfig]:
@@ -77,15 +83,36 @@ def _trainer(exp: ExperimentConfig, stage: str, name: str, storage_path: str, ca
     )
 
 
-def run_trial(config: dict[str, Any]) -> None:
-    """The Tune trainable: one sweep trial as a multi-worker ``TorchTrainer``.
+def trial_experiment(config: dict[str, Any]) -> ExperimentConfig:
+    """A trial's typed config, from the sweep's space and the trial's sampled ``params``."""
+    space: SweepSpace = config["space"]
+    return space.trial_experiment(config["params"])
 
-    ``config`` holds ``experiment`` (the base ExperimentConfig), ``params`` (this trial's sampled
-    values, flat keys), ``fixed``, ``parent_run_id``, ``tracking_uri``, ``sweep_name`` and
-    ``storage_path`` (the sweep's folder for Train runs).
+
+class TrialResources:
+    """What Tune reserves for a trial's own actor: only memory when it drives a worker group (the
+    workers hold the CPUs/GPUs), one worker's CPUs/GPUs when it evaluates in place (``train.epochs: 0``)."""
+
+    def __call__(self, config: dict[str, Any]) -> PlacementGroupFactory:
+        exp = trial_experiment(config)
+        bundle: dict[str, float] = {"memory": _DRIVER_MEMORY}
+        if exp.train.epochs == 0:
+            bundle["CPU"] = exp.resources.cpus_per_worker
+            if exp.resources.gpus_per_worker:
+                bundle["GPU"] = exp.resources.gpus_per_worker
+        return PlacementGroupFactory([bundle])
+
+
+def run_trial(config: dict[str, Any]) -> None:
+    """The Tune trainable: one sweep trial as a multi-worker ``TorchTrainer``, or, with nothing to
+    train (``train.epochs: 0``), an evaluation and measurement in this actor (seconds, no worker group).
+
+    ``config`` holds ``space`` (the sweep's ``SweepSpace``), ``params`` (this trial's sampled
+    values), ``parent_run_id``, ``tracking_uri``, ``sweep_name`` and ``storage_path`` (the sweep's
+    folder for Train runs).
     """
     worker.configure_logging()
-    exp = apply_overrides(config["experiment"], {**config["fixed"], **config["params"]})
+    exp = trial_experiment(config)
     trial_id = tune.get_context().get_trial_id()
     tracker = Tracker(config["tracking_uri"], exp.tracking.experiment)
     parent = config["parent_run_id"]
@@ -99,15 +126,58 @@ def run_trial(config: dict[str, Any]) -> None:
             tags={
                 ROLE_TAG: "trial", TRIAL_TAG: trial_id, SWEEP_TAG: config["sweep_name"],
                 "method": exp.method, "backbone": exp.model.name,
+                SEARCHED_TAG: ",".join(config["space"].trial_searched(config["params"])),
             },
             parent_id=parent,
         )
-    trainer = _trainer(
-        exp, "trial", f"trial_{trial_id}", config["storage_path"],
-        callbacks=[TuneReportCallback(), MlflowReportCallback(tracker, run_id)],
-    )
     with tracker.ending(run_id):
+        if exp.train.epochs == 0:
+            tune.report(evaluate_here(exp, tracker, run_id))
+            return
+        trainer = _trainer(
+            exp, "trial", f"trial_{trial_id}", config["storage_path"],
+            callbacks=[TuneReportCallback(), MlflowReportCallback(tracker, run_id)],
+        )
         trainer.fit()
+
+
+def _local_device() -> torch.device:
+    gpus = ray.get_gpu_ids() if ray.is_initialized() else []
+    return torch.device("cuda", 0) if gpus and torch.cuda.is_available() else torch.device("cpu")
+
+
+def evaluate_here(exp: ExperimentConfig, tracker: Tracker, run_id: str) -> dict[str, float]:
+    """Evaluate and measure ``exp``'s model as built, in this process, on one worker's resources; log to ``run_id``."""
+    device = _local_device()
+    if device.type == "cpu":
+        torch.set_num_threads(max(1, int(exp.resources.cpus_per_worker)))
+    pretrained = str(storage.fetch(exp.model.pretrained)) if exp.model.pretrained else None
+    run = loop.build_run(exp, "trial", device, pretrained_path=pretrained)
+    final = loop.fit(run, lambda metrics, state: None)
+    tracker.log_metrics(run_id, final, step=int(final.get("epoch", 0)))
+    return final
+
+
+def measure_reference(exp: ExperimentConfig, tracker: Tracker, parent_id: str) -> str:
+    """The dense backbone, evaluated and measured exactly as trials are (a ToMe-like trial with
+    nothing pruned), on one worker's resources, recorded as the sweep's ``reference`` child run."""
+    for run in tracker.children(parent_id):
+        if run.data.tags.get(ROLE_TAG) == REFERENCE_ROLE and run.info.status == "FINISHED":
+            return run.info.run_id  # a resumed sweep measured it already
+    ref = replace(exp, method="dense", method_config=DenseConfig(), train=replace(exp.train, epochs=0), sweep=replace(exp.sweep, methods=()))
+    run_id = tracker.start_run(
+        "dense_reference", params=to_flat_dict(ref),
+        tags={ROLE_TAG: REFERENCE_ROLE, "method": "dense", "backbone": exp.model.name}, parent_id=parent_id,
+    )
+    res = exp.resources
+    task = ray.remote(evaluate_here).options(num_cpus=res.cpus_per_worker, num_gpus=res.gpus_per_worker or 0)
+    with tracker.ending(run_id):
+        final = ray.get(task.remote(ref, tracker, run_id))
+    _logger.info(
+        "dense reference: val_top1 %.2f%%, latency %.3f ms, throughput %.0f img/s, %.4f GFLOPs",
+        final["val_top1"], final["latency_ms"], final["throughput_ips"], final["gflops"],
+    )
+    return run_id
 
 
 def pretrain_key(exp: ExperimentConfig) -> str:

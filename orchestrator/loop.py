@@ -10,9 +10,11 @@ from __future__ import annotations
 
 import copy
 import logging
+import os
 import time
 from contextlib import nullcontext
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any, Callable, Literal
 
 import torch
@@ -89,9 +91,10 @@ def build_run(
         method, method_cfg, train_cfg = get_method("dense"), DenseConfig(), exp.pretrain
     else:
         method, method_cfg, train_cfg = get_method(exp.method), exp.method_config, exp.train
+        method_cfg = _resolve(method, method_cfg, base, device, rank, cache_dir(exp))
     dense = DenseViT(copy.deepcopy(base)).to(device).eval()
     teacher = None
-    if stage == "trial" and method.needs_teacher:
+    if stage == "trial" and method.uses_teacher(method_cfg):
         teacher = dense
         teacher.requires_grad_(False)
     raw = method.build_model(method_cfg, base).to(device)
@@ -113,12 +116,31 @@ def build_run(
     run.optimizer = torch.optim.AdamW(method.param_groups(raw, method_cfg, train_cfg.lr, train_cfg.weight_decay), lr=train_cfg.lr)
     steps = len(train_loader)
     run.scheduler = CosineLRScheduler(
-        run.optimizer, t_initial=train_cfg.epochs * steps, lr_min=train_cfg.min_lr,
+        run.optimizer, t_initial=max(1, train_cfg.epochs * steps), lr_min=train_cfg.min_lr,
         warmup_t=int(train_cfg.warmup_epochs * steps), warmup_lr_init=train_cfg.min_lr, t_in_epochs=False,
     )
     run.scaler = torch.amp.GradScaler(device.type, enabled=_amp_dtype(run) == torch.float16)
     run.hooks = method.hooks(raw, method_cfg)
     return run
+
+
+def cache_dir(exp: ExperimentConfig) -> Path:
+    """Where measurements worth reusing across runs on one machine live (e.g. SPViT's latency tables):
+    beside a local storage path, else in the user's cache folder."""
+    if "://" not in exp.storage_path:
+        return Path(exp.storage_path) / "_cache"
+    return Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "prunetune"
+
+
+def _resolve(method: SparsityMethod, cfg: MethodConfig, base: nn.Module, device: torch.device, rank: int, cache: Path) -> MethodConfig:
+    """``method.resolve`` on rank 0, broadcast to the other ranks: every rank must build the same model."""
+    distributed = dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
+    box = [method.resolve(cfg, base, device, cache) if rank == 0 or not distributed else None]
+    if distributed:
+        dist.broadcast_object_list(box, src=0)
+    if box[0] != cfg:
+        _logger.info("%s resolved for %s: %s", method.name, device, box[0])
+    return box[0]
 
 
 def _amp_dtype(run: Run) -> torch.dtype | None:
@@ -197,20 +219,27 @@ def train_one_epoch(run: Run) -> dict[str, float]:
     return metrics
 
 
-@torch.no_grad()
 def evaluate(run: Run) -> dict[str, float]:
     """Top-1/top-5 (percent) and loss on the whole val set, in eval mode (the real sparse path)."""
     run.model.eval()
-    counts = torch.zeros(4, dtype=torch.float64, device=run.device)  # top1, top5, loss sum, n
-    for images, target in run.val_loader:
-        images, target = images.to(run.device), target.to(run.device)
-        logits = run.raw(images).logits.float()
+    return evaluate_model(run.raw, run.val_loader, run.device)
+
+
+@torch.no_grad()
+def evaluate_model(model: nn.Module, loader: DataLoader, device: torch.device) -> dict[str, float]:
+    """``val_top1``/``val_top5`` (percent) and ``val_loss`` of ``model`` (eval mode) over ``loader``,
+    summed over the ranks' shards when a process group exists."""
+    model.eval()
+    counts = torch.zeros(4, dtype=torch.float64, device=device)  # top1, top5, loss sum, n
+    for images, target in loader:
+        images, target = images.to(device), target.to(device)
+        logits = model(images).logits.float()
         k = min(5, logits.shape[-1])
         topk = logits.topk(k, dim=-1).indices
         hit = topk.eq(target[:, None])
         counts += torch.tensor(
             [hit[:, 0].sum().item(), hit.any(-1).sum().item(), nn.functional.cross_entropy(logits, target, reduction="sum").item(), len(target)],
-            dtype=torch.float64, device=run.device,
+            dtype=torch.float64, device=device,
         )
     if dist.is_available() and dist.is_initialized():
         dist.all_reduce(counts)
@@ -237,12 +266,13 @@ def fit(run: Run, report: Report) -> dict[str, float]:
                 run.stage, run.epoch, total, metrics["train_loss"], metrics["val_top1"], metrics["epoch_time_s"],
             )
         report(metrics, checkpoint_state(run, metrics) if run.rank == 0 else None)
-    if not metrics:  # resumed after the last epoch: evaluate once more for the final report
-        metrics = {"epoch": total - 1, **evaluate(run)}
+    if not metrics:  # nothing to train (epochs 0), or resumed after the last epoch: evaluate for the final report
+        metrics = {"epoch": max(total - 1, 0), **evaluate(run)}
     final = {k: v for k, v in metrics.items() if k.startswith("val_") or k == "epoch"}
     if run.stage == "trial":
         if run.rank == 0:
             final.update(measure_pair(run.raw, run.dense, run.image_shape, run.device, run.exp.measure))
             final["params_m"] = sum(p.numel() for p in run.raw.parameters()) / 1e6
+            final.update(run.method.stats(run.raw))
         report(final, None)
     return final

@@ -1,4 +1,4 @@
-"""``prunetune quickstart``: the digits, a dense tiny ViT, and a DynamicViT sweep, in one folder.
+"""``prunetune quickstart``: the digits, a dense tiny ViT, and a DynamicViT + ToMe sweep, in one folder.
 
 Everything goes under ``out``: the data (``data/digits``), Ray's run storage (``runs/``), the MLflow
 store (``mlflow.db``) and the config it ran (``quickstart.yaml``, runnable with ``prunetune sweep``).
@@ -14,9 +14,9 @@ from pathlib import Path
 from methods import BackboneConfig, MeasureConfig
 from methods.dynamicvit import DynamicViTConfig
 
-from .config import DataConfig, ExperimentConfig, Objective, ResourcesConfig, SweepConfig, TrackingConfig, TrainConfig, to_yaml
+from .config import DataConfig, ExperimentConfig, MethodArm, Objective, ResourcesConfig, SweepConfig, TrackingConfig, TrainConfig, to_yaml
 from .data import write_digits
-from .search_space import load_search_space
+from .search_space import load_sweep_space
 from .sweep import SweepOutcome, run_sweep
 
 __all__ = ["quickstart_config", "digits_tiny_vit", "run_quickstart"]
@@ -45,38 +45,43 @@ def digits_tiny_vit(data_path: str) -> ExperimentConfig:
     )
 
 
-def quickstart_config(out: Path, num_samples: int = 6) -> ExperimentConfig:
-    """The quickstart's experiment: everything under ``out``; one trial at a time.
+def quickstart_config(out: Path, num_samples: int = 8) -> ExperimentConfig:
+    """The quickstart's experiment: DynamicViT and ToMe on one front, everything under ``out``.
 
-    Trials run one after another so that each one's timing runs on an otherwise idle machine. The
-    second objective is throughput: on a 65-token model, batch-1 latency is dominated by per-op
-    overhead that token pruning cannot remove (the predictors add some), while batched throughput
-    shows the saving. Latency is still measured and recorded for every trial.
+    Trials run one after another so that each one's timing runs on an otherwise idle machine.
+    ToMe trials need no training (evaluate and measure: seconds), so they widen the front without
+    growing the run time. The second objective is throughput: on a 65-token model, batch-1 latency
+    is dominated by per-op overhead that token pruning cannot remove (the predictors add some),
+    while batched throughput shows the saving. Latency is still measured and recorded.
     """
     out = out.resolve()
     exp = digits_tiny_vit(str(out / "data" / "digits"))
+    dynamicvit = {"name": "dynamicvit", "pruning_loc": [1, 2, 3]}
     return replace(
         exp,
+        name="digits-dynamicvit-tome",
         sweep=SweepConfig(
-            search_space="dynamicvit", num_samples=num_samples, max_concurrent_trials=1, seed=0,
+            methods=(MethodArm(method=dynamicvit, search_space="dynamicvit"), MethodArm(method={"name": "tome"}, search_space="tome")),
+            num_samples=num_samples, max_concurrent_trials=1, seed=0,
             objectives=(Objective("val_top1", "max"), Objective("throughput_ips", "max")),
-            # The paper's grid (rho = .9/.8/.7, its DeiT-S weights) first, then Optuna's own picks.
+            # The paper's grids first: DynamicViT rho = .9/.8/.7 with its DeiT-S weights, ToMe at two
+            # merge rates; then Optuna's own picks, method included.
             points_to_evaluate=tuple(
-                {"keep_ratio": rho, "ratio_weight": 2.0, "distill_weight": 0.5, "token_distill_weight": 0.5, "train.lr": 5e-4}
+                {"method": "dynamicvit", "keep_ratio": rho, "ratio_weight": 2.0, "distill_weight": 0.5, "token_distill_weight": 0.5, "train.lr": 5e-4}
                 for rho in (0.9, 0.8, 0.7)
-            ),
+            ) + tuple({"method": "tome", "r": r, "inflect": 0.0} for r in (4, 8)),
         ),
         tracking=TrackingConfig(uri=f"sqlite:///{out / 'mlflow.db'}", experiment="prunetune-quickstart"),
         storage_path=str(out / "runs"),
     )
 
 
-def run_quickstart(out: Path, num_samples: int = 6) -> SweepOutcome:
+def run_quickstart(out: Path, num_samples: int = 8) -> SweepOutcome:
     out.mkdir(parents=True, exist_ok=True)
     exp = quickstart_config(out, num_samples)
     counts = write_digits(exp.data.path)
     _logger.info("[1/3] digits ready at %s (%d train / %d val)", exp.data.path, counts["train"], counts["val"])
     (out / "quickstart.yaml").write_text(to_yaml(exp))
-    space = load_search_space(exp.sweep.search_space, exp)
-    _logger.info("[2/3] dense tiny ViT, then [3/3] a %d-trial DynamicViT sweep (config: %s)", num_samples, out / "quickstart.yaml")
+    space = load_sweep_space(exp)
+    _logger.info("[2/3] dense tiny ViT, then [3/3] a %d-trial DynamicViT + ToMe sweep (config: %s)", num_samples, out / "quickstart.yaml")
     return run_sweep(exp, space)

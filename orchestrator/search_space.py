@@ -13,7 +13,7 @@ method does not have, or a value its config rejects (``keep_ratio: 1.5``), fails
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any, Literal
 
@@ -23,7 +23,7 @@ from ray import tune
 from .config import ExperimentConfig, apply_overrides, canonical_key
 from .errors import ConfigError
 
-__all__ = ["Param", "SearchSpace", "load_search_space", "SHIPPED_DIR"]
+__all__ = ["Param", "SearchSpace", "load_search_space", "SHIPPED_DIR", "Arm", "SweepSpace", "load_sweep_space", "METHOD_PARAM"]
 
 #: The search spaces shipped with prunetune, one YAML file per method.
 SHIPPED_DIR = Path(__file__).resolve().parent.parent / "search_spaces"
@@ -76,6 +76,12 @@ class Param:
 class SearchSpace:
     source: str
     params: tuple[Param, ...]
+
+    def trial_searched(self, params: dict[str, Any]) -> list[str]:
+        """The parameters searched for the trial with sampled ``params`` (its own method's, and ``method``)."""
+        if not self.conditional:
+            return self.names()
+        return [METHOD_PARAM] + self.arm(params).space.names()
 
     def tune_space(self) -> dict[str, Any]:
         """Sampled parameters as Tune domains (what Optuna searches)."""
@@ -161,3 +167,142 @@ def parse_search_space(data: Any, exp: ExperimentConfig, where: str) -> SearchSp
                 raise ConfigError(f"{where}: {raw_name!r}: {e}") from None
         params.append(param)
     return SearchSpace(where, tuple(params))
+
+
+# --------------------------------------------------------------------------------------------------
+# what a sweep searches: one method's space, or several methods side by side (a conditional space)
+
+#: In a sweep over several methods, the searched method is this parameter, and each method's own
+#: parameters are named ``<method>:<key>`` (``tome:r``), so two methods never share a distribution.
+METHOD_PARAM = "method"
+
+
+@dataclass(frozen=True)
+class Arm:
+    """One method of a sweep: the config its trials start from, and its search space."""
+
+    method: str
+    experiment: ExperimentConfig
+    space: SearchSpace
+
+
+@dataclass(frozen=True)
+class SweepSpace:
+    """The whole search of a sweep. One arm: that method's space, keys as written. Several arms:
+    ``method`` is a searched choice and each arm's parameters are conditional on it."""
+
+    arms: tuple[Arm, ...]
+
+    @property
+    def conditional(self) -> bool:
+        return len(self.arms) > 1
+
+    @property
+    def source(self) -> str:
+        return ", ".join(f"{a.method}: {a.space.source}" for a in self.arms) if self.conditional else self.arms[0].space.source
+
+    def methods(self) -> list[str]:
+        return [a.method for a in self.arms]
+
+    def names(self) -> list[str]:
+        """The searched parameters as recorded on trials (bare config keys, plus ``method`` when conditional)."""
+        if not self.conditional:
+            return self.arms[0].space.names()
+        return [METHOD_PARAM] + list(dict.fromkeys(n for a in self.arms for n in a.space.names()))
+
+    def trial_searched(self, params: dict[str, Any]) -> list[str]:
+        """The parameters searched for the trial with sampled ``params`` (its own method's, and ``method``)."""
+        if not self.conditional:
+            return self.names()
+        return [METHOD_PARAM] + self.arm(params).space.names()
+
+    def tune_space(self) -> dict[str, Any]:
+        """Tune domains for a plain space; a conditional one is searched by ``define_by_run`` instead."""
+        return {} if self.conditional else self.arms[0].space.tune_space()
+
+    def with_pretrained(self, uri: str) -> "SweepSpace":
+        """Every arm starting from the dense weights at ``uri`` (the sweep trained them first)."""
+        return SweepSpace(tuple(
+            replace(a, experiment=replace(a.experiment, model=replace(a.experiment.model, pretrained=uri))) for a in self.arms
+        ))
+
+    def define_by_run(self) -> "DefineByRun":
+        return DefineByRun(tuple((a.method, a.space.params) for a in self.arms))
+
+    def arm(self, params: dict[str, Any]) -> Arm:
+        if not self.conditional:
+            return self.arms[0]
+        name = params.get(METHOD_PARAM)
+        for a in self.arms:
+            if a.method == name:
+                return a
+        raise ConfigError(f"trial parameters name no method of the sweep ({name!r}; known: {', '.join(self.methods())})")
+
+    def trial_overrides(self, params: dict[str, Any]) -> tuple[Arm, dict[str, Any]]:
+        """The arm a trial's sampled ``params`` select, and the flat overrides for its config."""
+        arm = self.arm(params)
+        if not self.conditional:
+            return arm, {**arm.space.fixed(), **params}
+        prefix = f"{arm.method}:"
+        sampled = {k[len(prefix):]: v for k, v in params.items() if k.startswith(prefix)}
+        return arm, {**arm.space.fixed(), **{k: _decode(v) for k, v in sampled.items()}}
+
+    def trial_experiment(self, params: dict[str, Any]) -> ExperimentConfig:
+        arm, overrides = self.trial_overrides(params)
+        return apply_overrides(arm.experiment, overrides)
+
+    def optuna_point(self, point: dict[str, Any]) -> dict[str, Any]:
+        """A user's ``points_to_evaluate`` entry (bare keys, ``method`` when conditional) in the searcher's names."""
+        if not self.conditional:
+            return dict(point)
+        arm = self.arm(point)
+        return {METHOD_PARAM: arm.method, **{f"{arm.method}:{k}": _encode(v) for k, v in point.items() if k != METHOD_PARAM}}
+
+
+def _encode(value: Any) -> Any:
+    """Optuna's categorical choices are scalars; lists (``pruning_loc``) travel as YAML text."""
+    return value if value is None or isinstance(value, (bool, int, float, str)) else "yaml:" + yaml.safe_dump(value, default_flow_style=True).strip()
+
+
+def _decode(value: Any) -> Any:
+    return yaml.safe_load(value[len("yaml:"):]) if isinstance(value, str) and value.startswith("yaml:") else value
+
+
+class DefineByRun:
+    """Optuna define-by-run space over several methods (picklable, so a resumed sweep keeps it).
+
+    Ray's ``OptunaSearch`` nests the values under ``prefix`` (``params/method`` -> ``config["params"]["method"]``).
+    """
+
+    def __init__(self, arms: tuple[tuple[str, tuple[Param, ...]], ...], prefix: str = "params/") -> None:
+        self.arms = arms
+        self.prefix = prefix
+
+    def __call__(self, trial) -> None:
+        method = trial.suggest_categorical(self.prefix + METHOD_PARAM, [name for name, _ in self.arms])
+        for name, params in self.arms:
+            if name != method:
+                continue
+            for p in params:
+                key = f"{self.prefix}{name}:{p.name}"
+                if p.distribution in ("uniform", "loguniform"):
+                    trial.suggest_float(key, p.low, p.high, log=p.distribution == "loguniform")
+                elif p.distribution == "int":
+                    trial.suggest_int(key, int(p.low), int(p.high))
+                elif p.distribution == "choice":
+                    trial.suggest_categorical(key, [_encode(v) for v in p.values])
+        return None
+
+
+def load_sweep_space(exp: ExperimentConfig, base: Path | None = None) -> SweepSpace:
+    """The sweep's search: ``sweep.methods`` (one arm each), else ``method`` with ``sweep.search_space``."""
+    from .config import arm_experiment
+
+    if not exp.sweep.methods:
+        space = load_search_space(exp.sweep.search_space or exp.method, exp, base)
+        return SweepSpace((Arm(exp.method, exp, space),))
+    arms = []
+    for arm in exp.sweep.methods:
+        arm_exp = arm_experiment(exp, arm)
+        arms.append(Arm(arm.name, arm_exp, load_search_space(arm.search_space or arm.name, arm_exp, base)))
+    return SweepSpace(tuple(arms))

@@ -24,7 +24,8 @@ from . import driver, storage
 from .config import ExperimentConfig, SweepConfig, to_flat_dict
 from .data import check_image_folder
 from .errors import UserError
-from .search_space import SearchSpace
+from .errors import ConfigError
+from .search_space import SweepSpace
 from .tracking import (
     INTERRUPTED_TAG, OBJECTIVES_TAG, ROLE_TAG, SEARCHED_TAG, STOPPED_EARLY_TAG, SWEEP_TAG, Tracker, check_reachable,
     param_value, redact, resolve_uri,
@@ -34,7 +35,6 @@ __all__ = ["run_sweep", "SweepOutcome", "init_ray"]
 
 _logger = logging.getLogger(__name__)
 _PARAMS = "params"
-_DRIVER_MEMORY = 512 * 1024**2
 
 #: Settings the sweep's driver process needs (the Tune controller runs there). They are set in this
 #: process's environment, which a local Ray inherits; ray.init gets no runtime_env, so a
@@ -83,9 +83,13 @@ def _sampler(cfg: SweepConfig):
     return optuna.samplers.TPESampler(seed=cfg.seed)
 
 
-def _searcher(exp: ExperimentConfig, space: SearchSpace) -> OptunaSearch:
-    points = [{f"{_PARAMS}/{k}": v for k, v in p.items()} for p in exp.sweep.points_to_evaluate]
+def _searcher(exp: ExperimentConfig, space: SweepSpace) -> OptunaSearch:
+    try:
+        points = [{f"{_PARAMS}/{k}": v for k, v in space.optuna_point(p).items()} for p in exp.sweep.points_to_evaluate]
+    except ConfigError as e:
+        raise UserError(f"sweep.points_to_evaluate: {e}") from None
     return OptunaSearch(
+        space=space.define_by_run() if space.conditional else None,
         metric=[o.metric for o in exp.sweep.objectives],
         mode=[o.mode for o in exp.sweep.objectives],
         sampler=_sampler(exp.sweep),
@@ -134,37 +138,43 @@ class _RecordingASHA(ASHAScheduler):
         return action
 
 
-def _scheduler(exp: ExperimentConfig, sweep: str) -> _RecordingASHA | None:
+def _scheduler(exp: ExperimentConfig, sweep: str, max_epochs: int) -> _RecordingASHA | None:
     asha = exp.sweep.asha
     if asha is None:
         return None
     first = exp.sweep.objectives[0]
     return _RecordingASHA(
-        sweep, time_attr="epoch", metric=first.metric, mode=first.mode, max_t=exp.train.epochs,
+        sweep, time_attr="epoch", metric=first.metric, mode=first.mode, max_t=max(1, max_epochs),
         grace_period=asha.grace_period, reduction_factor=asha.reduction_factor,
     )
+
+
+def _trial_method(trial) -> str:
+    space: SweepSpace = trial.config["space"]
+    return space.arm(trial.config.get(_PARAMS, {})).method
 
 
 class _Progress(tune.Callback):
     """One log line per trial epoch and per finished trial, so long sweeps show where they are;
     failed trials go to the sweep's ledger."""
 
-    def __init__(self, total_epochs: int, sweep: str) -> None:
-        self.total_epochs = total_epochs
+    def __init__(self, total_epochs: dict[str, int], sweep: str) -> None:
+        self.total_epochs = total_epochs  # per method
         self.sweep = sweep
 
     def on_trial_result(self, iteration, trials, trial, result, **info):
         if "latency_ms" in result:
             _logger.info(
-                "trial %s measured: val_top1 %.2f%%, latency %.3f ms (dense %.3f, speedup %.2fx), "
+                "trial %s (%s) measured: val_top1 %.2f%%, latency %.3f ms (dense %.3f, speedup %.2fx), "
                 "throughput %.0f img/s (%.2fx dense), %.4f GFLOPs",
-                trial.trial_id, result["val_top1"], result["latency_ms"], result["dense_latency_ms"], result["speedup"],
+                trial.trial_id, _trial_method(trial), result["val_top1"], result["latency_ms"], result["dense_latency_ms"], result["speedup"],
                 result["throughput_ips"], result.get("throughput_ratio", float("nan")), result["gflops"],
             )
         elif "val_top1" in result:
             _logger.info(
                 "trial %s epoch %d/%d: val_top1 %.2f%%, train_loss %.4f",
-                trial.trial_id, int(result.get("epoch", 0)) + 1, self.total_epochs, result["val_top1"], result.get("train_loss", float("nan")),
+                trial.trial_id, int(result.get("epoch", 0)) + 1, self.total_epochs.get(_trial_method(trial), 0), result["val_top1"],
+                result.get("train_loss", float("nan")),
             )
 
     def on_trial_error(self, iteration, trials, trial, **info):
@@ -199,7 +209,7 @@ def _check_same_config(name: str, previous, exp: ExperimentConfig) -> None:
 
 
 def run_sweep(
-    exp: ExperimentConfig, space: SearchSpace, name: str | None = None, address: str | None = None, resume: bool = False,
+    exp: ExperimentConfig, space: SweepSpace, name: str | None = None, address: str | None = None, resume: bool = False,
 ) -> SweepOutcome:
     """Run the whole sweep described by ``exp`` over ``space``; returns the Pareto front read from MLflow.
 
@@ -221,8 +231,9 @@ def run_sweep(
         _check_same_config(name, previous, exp)
     init_ray(address)
 
-    if get_method(exp.method).needs_teacher and not exp.model.pretrained:
+    if not exp.model.pretrained and any(get_method(m).needs_pretrained for m in space.methods()):
         exp = replace(exp, model=replace(exp.model, pretrained=driver.train_dense(exp, tracker)))
+        space = space.with_pretrained(exp.model.pretrained)
 
     objectives = [(o.metric, o.mode) for o in exp.sweep.objectives]
     if previous is not None:
@@ -233,18 +244,21 @@ def run_sweep(
             name,
             params=to_flat_dict(exp),
             tags={
-                ROLE_TAG: "sweep", SWEEP_TAG: name, "method": exp.method, "backbone": exp.model.name,
+                ROLE_TAG: "sweep", SWEEP_TAG: name, "method": ",".join(space.methods()), "backbone": exp.model.name,
                 SEARCHED_TAG: ",".join(space.names()), OBJECTIVES_TAG: json.dumps(objectives),
                 "prunetune.search_space": space.source, "prunetune.storage_path": redact(sweep_storage),
             },
         )
     _logger.info("sweep %s%s: MLflow run %s in experiment %r at %s", name, " (resumed)" if resume else "", parent, exp.tracking.experiment, redact(uri))
+    if exp.model.pretrained:  # without trained weights a dense accuracy would mean nothing
+        driver.measure_reference(exp, tracker, parent)
     param_space: dict[str, Any] = {
-        "experiment": exp, _PARAMS: space.tune_space(), "fixed": space.fixed(), "parent_run_id": parent,
+        "space": space, _PARAMS: space.tune_space(), "parent_run_id": parent,
         "tracking_uri": uri, "sweep_name": name, "storage_path": sweep_storage,
     }
-    # The trial driver only waits on its workers: no CPU, just the memory its process takes.
-    trainable = tune.with_resources(driver.run_trial, {"cpu": 0, "memory": _DRIVER_MEMORY})
+    # A trial's actor only waits on its workers (memory, no CPU), unless it evaluates in place.
+    trainable = tune.with_resources(driver.run_trial, driver.TrialResources())
+    epochs = {a.method: a.experiment.train.epochs for a in space.arms}
     if resume:
         # Tune restores its searcher, scheduler and callbacks; unfinished and failed trials go on from their checkpoints.
         tuner = tune.Tuner.restore(sweep_storage, trainable, resume_unfinished=True, resume_errored=True, param_space=param_space)
@@ -253,13 +267,13 @@ def run_sweep(
             trainable,
             param_space=param_space,
             tune_config=tune.TuneConfig(
-                search_alg=_searcher(exp, space), scheduler=_scheduler(exp, name),
+                search_alg=_searcher(exp, space), scheduler=_scheduler(exp, name, max(epochs.values())),
                 num_samples=exp.sweep.num_samples, max_concurrent_trials=exp.sweep.max_concurrent_trials,
             ),
             run_config=tune.RunConfig(
                 name=name, storage_path=exp.storage_path,
                 failure_config=tune.FailureConfig(max_failures=exp.sweep.max_failures),
-                callbacks=[_Progress(exp.train.epochs, name)],
+                callbacks=[_Progress(epochs, name)],
             ),
         )
     ledger = _ledger(name)  # _Progress keeps trials ASHA stopped out of ``errored``, however their driver ended

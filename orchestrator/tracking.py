@@ -23,12 +23,13 @@ from .errors import TrackingError
 from .pareto import pareto_mask
 
 __all__ = [
-    "resolve_uri", "redact", "check_reachable", "Tracker", "ROLE_TAG", "TRIAL_TAG", "PARETO_TAG",
+    "resolve_uri", "redact", "check_reachable", "Tracker", "ROLE_TAG", "TRIAL_TAG", "PARETO_TAG", "REFERENCE_ROLE",
 ]
 
 _logger = logging.getLogger(__name__)
 
-ROLE_TAG = "prunetune.role"  # sweep | trial | pretrain
+ROLE_TAG = "prunetune.role"  # sweep | trial | reference | pretrain
+REFERENCE_ROLE = "reference"  # the dense backbone, evaluated and measured in every sweep
 TRIAL_TAG = "prunetune.trial_id"
 SWEEP_TAG = "prunetune.sweep"
 SEARCHED_TAG = "prunetune.searched_params"
@@ -233,10 +234,13 @@ class Tracker:
         else was cut short by the sweep's end or interruption -> KILLED, tagged ``prunetune.interrupted``.
         Such trials have no final measurement and so are never on the front.
         """
-        runs = [r for r in self.children(parent_id) if r.data.tags.get(ROLE_TAG) == "trial"]
-        for r in runs:
+        children = self.children(parent_id)
+        trials = [r for r in children if r.data.tags.get(ROLE_TAG) == "trial"]
+        for r in trials:
             if r.info.status != "FINISHED":
                 self._end_unfinished_trial(r, errored or set(), stopped or set())
+        # The dense backbone, measured beside the trials, competes on the front like any trial.
+        runs = trials + [r for r in children if r.data.tags.get(ROLE_TAG) == REFERENCE_ROLE]
         mask = pareto_mask([r.data.metrics if r.info.status == "FINISHED" else {} for r in runs], objectives)
         for r, on_front in zip(runs, mask):
             self.set_tags(r.info.run_id, {PARETO_TAG: "true" if on_front else "false"})
@@ -246,7 +250,7 @@ class Tracker:
         all_rows = [_row(r, searched) for r in runs]
         self._log_front_artifacts(parent_id, rows, all_rows, objectives)
         best = [r["metrics"].get("val_top1") for r in rows if r["metrics"].get("val_top1") is not None]
-        summary = {"pareto_size": len(rows), "trials": len(runs), "trials_finished": sum(r.info.status == "FINISHED" for r in runs)}
+        summary = {"pareto_size": len(rows), "trials": len(trials), "trials_finished": sum(r.info.status == "FINISHED" for r in trials)}
         if best:
             summary["best_val_top1"] = max(best)
         self.log_metrics(parent_id, summary)
@@ -307,9 +311,13 @@ _FINAL_METRICS = (
 
 
 def _row(run, searched: list[str]) -> dict:
-    params = {k: run.data.params[k] for k in searched if k in run.data.params}
+    own = run.data.tags.get(SEARCHED_TAG)  # a trial of a multi-method sweep: its own method's parameters
+    params = {k: run.data.params[k] for k in (own.split(",") if own else searched) if k in run.data.params}
     metrics = {k: run.data.metrics[k] for k in _FINAL_METRICS if k in run.data.metrics}
-    return {"run_id": run.info.run_id, "run_name": run.info.run_name, "status": run.info.status, "params": params, "metrics": metrics}
+    return {
+        "run_id": run.info.run_id, "run_name": run.info.run_name, "status": run.info.status,
+        "method": run.data.tags.get("method", ""), "role": run.data.tags.get(ROLE_TAG, ""), "params": params, "metrics": metrics,
+    }
 
 
 def _columns(table: list[dict]) -> dict[str, list]:
@@ -339,13 +347,19 @@ def _front_figure(front: list[dict], everything: list[dict], objectives):
     def xy(rows):
         return sorted((r["metrics"][x_key], r["metrics"][y_key]) for r in rows if x_key in r["metrics"] and y_key in r["metrics"])
 
-    if pts := xy(everything):
-        ax.scatter(*zip(*pts), c="lightgray", edgecolors="gray", label="trials")
+    trials = [r for r in everything if r.get("role") != REFERENCE_ROLE]
+    for i, method in enumerate(dict.fromkeys(r.get("method", "") for r in trials)):
+        if pts := xy([r for r in trials if r.get("method", "") == method]):
+            ax.scatter(*zip(*pts), marker="os^vDP*X"[i % 8], c="lightgray", edgecolors="dimgray", label=f"{method or 'trials'} trials")
     if fr := xy(front):
-        ax.plot(*zip(*fr), "o-", color="tab:red", label="Pareto front")
-    dense = sorted(r["metrics"][_DENSE_METRIC[x_key]] for r in everything if _DENSE_METRIC.get(x_key) in r["metrics"])
-    if dense:
-        ax.axvline(dense[len(dense) // 2], color="tab:blue", ls="--", label="dense backbone")
+        ax.plot(*zip(*fr), "-", color="tab:red", label="Pareto front")
+        ax.scatter(*zip(*fr), facecolors="none", edgecolors="tab:red", s=90)
+    if ref := xy([r for r in everything if r.get("role") == REFERENCE_ROLE]):
+        ax.scatter(*zip(*ref), marker="*", s=200, color="tab:blue", label="dense backbone", zorder=3)
+    else:
+        dense = sorted(r["metrics"][_DENSE_METRIC[x_key]] for r in everything if _DENSE_METRIC.get(x_key) in r["metrics"])
+        if dense:
+            ax.axvline(dense[len(dense) // 2], color="tab:blue", ls="--", label="dense backbone")
     ax.set_xlabel(_AXIS_LABELS.get(x_key, x_key))
     ax.set_ylabel(_AXIS_LABELS.get(y_key, y_key))
     ax.set_title("objectives: " + ", ".join(f"{m} ({d})" for m, d in objectives))

@@ -19,13 +19,15 @@ IMAGE = (3, 32, 32)
 NUM_CLASSES = 10
 
 # Config overrides that fit the 6-block tiny backbone.
-TINY = {"dense": {}, "dynamicvit": {"pruning_loc": (1, 3, 5)}}
+TINY = {"dense": {}, "dynamicvit": {"pruning_loc": (1, 3, 5)}, "tome": {"r": 8}, "evovit": {"prune_location": 2}, "spvit": {"pruning_loc": (1, 3, 5)}}
 # Overrides that turn the method's sparsity off: the eval model must then compute plain timm.
-DISABLED = {"dense": {}, "dynamicvit": {"pruning_loc": (1, 3, 5), "keep_ratio": 1.0}}
+DISABLED = {"dense": {}, "dynamicvit": {"pruning_loc": (1, 3, 5), "keep_ratio": 1.0}, "tome": {"r": 0}, "evovit": {"prune_location": 2, "prune_ratio": 1.0, "eval_head": "cls"}, "spvit": {"pruning_loc": (1, 3, 5), "keep_ratios": (1.0, 1.0, 1.0)}}
 # Overrides that make the eval model sparse, for the FLOPs check (dense is the baseline itself).
-SPARSE = {"dense": {}, "dynamicvit": {"pruning_loc": (1, 3, 5), "keep_ratio": 0.7}}
+SPARSE = {"dense": {}, "dynamicvit": {"pruning_loc": (1, 3, 5), "keep_ratio": 0.7}, "tome": {"r": 8}, "evovit": {"prune_location": 2, "prune_ratio": 0.5}, "spvit": {"pruning_loc": (1, 3, 5)}}
 # Parameter names a method deliberately keeps out of the optimizer.
-FROZEN = {"dense": set(), "dynamicvit": {"vit.cls_token", "vit.pos_embed"}}
+FROZEN = {"dense": set(), "dynamicvit": {"vit.cls_token", "vit.pos_embed"}, "tome": set(), "evovit": set(), "spvit": {"vit.cls_token", "vit.pos_embed"}}
+# Methods that add no parameters of their own (they train the backbone only).
+PARAMETER_FREE = {"dense", "tome"}
 
 METHODS = list_methods()
 
@@ -93,7 +95,7 @@ def test_loss_is_finite_and_gradients_reach_every_optimized_parameter(name, tiny
     named = dict(model.named_parameters())
     params = _group_params(method.param_groups(model, cfg, lr=1e-3, weight_decay=0.05))
     new = [p for p in params if id(p) not in base_params]
-    if name == "dense":
+    if name in PARAMETER_FREE:
         assert not new
     else:
         assert new, f"{name} optimizes no parameter of its own"

@@ -9,7 +9,8 @@ import torch.nn.functional as F
 
 import methods.dynamicvit as dyn
 from methods import BackboneConfig, Geometry, MethodOutput, create_backbone, get_method
-from methods._common import gather_tokens, policy_attn_mask
+from methods._common import gather_tokens, merge_heads, policy_attention, qkv_heads
+from timm.models.vision_transformer import Attention
 from methods.dynamicvit import DynamicViT, DynamicViTConfig
 
 LOC = (1, 3, 5)
@@ -152,7 +153,7 @@ def test_train_mask_hides_dropped_tokens_from_kept_ones(tiny_vit, rng, monkeypat
     assert not torch.allclose(rerun(i).logits[0], first.logits[0], atol=1e-3)
 
 
-# ---------------------------------------------------------------- the policy mask
+# ---------------------------------------------------------------- the policy attention
 
 
 def _allowed(policy: torch.Tensor) -> torch.Tensor:
@@ -167,42 +168,90 @@ def _policy(rng, b: int, n: int) -> torch.Tensor:
     return policy
 
 
-def test_policy_mask_shape_and_masked_softmax_properties(rng):
-    b, h, n = 3, 2, 12
-    policy = _policy(rng, b, n)
-    mask = policy_attn_mask(policy)
-    assert mask.shape == (b, 1, n, n)
-    logits = torch.randn(b, h, n, n, generator=rng)
-    attn = (logits + mask).softmax(-1)
-
-    torch.testing.assert_close(attn.sum(-1), torch.ones(b, h, n))
-    allowed = _allowed(policy)[:, None].expand(b, h, n, n)
-    assert attn[~allowed].max() <= 1e-5  # dropped keys: ~eps weight, also from kept queries
-    kept_query = (policy[:, None, :, None] > 0.5).expand(b, h, n, n)
-    assert attn[~allowed & kept_query].max() <= 1e-5
-    # Precisely: eps times the share the key would have among the visible ones.
-    share = logits.exp() / logits.exp().masked_fill(~allowed, 0.0).sum(-1, keepdim=True)
-    torch.testing.assert_close(attn[~allowed], EPS * share[~allowed], rtol=1e-3, atol=0)
-    # Every token sees itself: the diagonal weight is what a softmax over the visible keys gives it.
-    reference = logits.masked_fill(~allowed, float("-inf")).softmax(-1)
-    torch.testing.assert_close(attn, reference, atol=1e-5, rtol=1e-4)
-    diag = attn.diagonal(dim1=-2, dim2=-1)
-    assert (diag > 1e-3).all()
+def _attention(dim: int = 16, heads: int = 2, qk_scale: float = 1.0, seed: int = 0) -> Attention:
+    torch.manual_seed(seed)
+    attn = Attention(dim, num_heads=heads, qkv_bias=True).eval()
+    with torch.no_grad():  # scale q and k so the logits span a chosen range
+        attn.qkv.weight[: 2 * dim] *= qk_scale
+    return attn
 
 
-def test_policy_mask_all_ones_is_plain_softmax(rng):
-    logits = torch.randn(2, 3, 10, 10, generator=rng)
-    mask = policy_attn_mask(torch.ones(2, 10))
-    torch.testing.assert_close((logits + mask).softmax(-1), logits.softmax(-1), atol=1e-6, rtol=1e-5)
+def _attention_weights(attn: Attention, x: torch.Tensor, policy: torch.Tensor) -> torch.Tensor:
+    """The attention map policy_attention applies, read off by running it with v = identity rows."""
+    n = x.shape[1]
+    probe = Attention(attn.qkv.in_features, num_heads=attn.num_heads, qkv_bias=True).eval()
+    probe.load_state_dict(attn.state_dict())
+    captured = {}
+    original = torch.Tensor.__matmul__
+
+    def spy(a, b):
+        if a.dim() == 4 and a.shape[-1] == n and a.shape[-2] == n and not captured:
+            captured["w"] = a.detach().clone()
+        return original(a, b)
+
+    torch.Tensor.__matmul__ = spy
+    try:
+        policy_attention(probe, x, policy)
+    finally:
+        torch.Tensor.__matmul__ = original
+    return captured["w"]
 
 
-def test_policy_mask_with_every_patch_dropped_has_no_empty_rows(rng):
+def _brute_force_attention(attn: Attention, x: torch.Tensor, policy: torch.Tensor) -> torch.Tensor:
+    """Each sample and query separately, over its visible keys only (a gather, in float64)."""
+    b, n, c = x.shape
+    h, d = attn.num_heads, c // attn.num_heads
+    qkv = attn.qkv(x).double().reshape(b, n, 3, h, d).permute(2, 0, 3, 1, 4)
+    q, k, v = qkv[0], qkv[1], qkv[2]
+    out = torch.zeros(b, h, n, d, dtype=torch.float64)
+    allowed = _allowed(policy)
+    for s in range(b):
+        for i in range(n):
+            keys = allowed[s, i].nonzero().squeeze(1)
+            logits = (q[s, :, i:i + 1] @ k[s][:, keys].transpose(-2, -1)) * d ** -0.5
+            out[s, :, i] = (logits.softmax(-1) @ v[s][:, keys]).squeeze(1)
+    return attn.proj(out.transpose(1, 2).reshape(b, n, c).float())
+
+
+@pytest.mark.parametrize("qk_scale", [1.0, 12.0])  # logits within a few units, and spanning ~75
+def test_policy_attention_equals_attention_over_the_visible_keys(rng, qk_scale):
+    attn = _attention(qk_scale=qk_scale)
+    x = torch.randn(3, 12, 16, generator=rng)
+    policy = _policy(rng, 3, 12)
+    with torch.no_grad():
+        q, k, _ = qkv_heads(attn, x)
+        span = ((q @ k.transpose(-2, -1)) * attn.scale).amax() - ((q @ k.transpose(-2, -1)) * attn.scale).amin()
+        got = policy_attention(attn, x, policy)
+        expected = _brute_force_attention(attn, x, policy)
+    assert span > (60 if qk_scale > 1 else 0)  # the large case really has large logit gaps
+    torch.testing.assert_close(got, expected, atol=2e-5, rtol=1e-4)
+
+
+def test_policy_attention_gives_dropped_keys_exactly_zero_weight(rng):
+    attn = _attention(qk_scale=12.0)
+    x = torch.randn(2, 10, 16, generator=rng)
+    policy = _policy(rng, 2, 10)
+    with torch.no_grad():
+        w = _attention_weights(attn, x, policy)
+    allowed = _allowed(policy)[:, None].expand_as(w)
+    assert (w[~allowed] == 0).all()
+    torch.testing.assert_close(w.sum(-1), torch.ones(w.shape[:-1]))  # no empty rows: every token sees itself
+
+
+def test_policy_attention_with_all_ones_is_timm_attention(rng):
+    attn = _attention()
+    x = torch.randn(2, 10, 16, generator=rng)
+    with torch.no_grad():
+        torch.testing.assert_close(policy_attention(attn, x, torch.ones(2, 10)), attn(x), atol=1e-5, rtol=1e-5)
+
+
+def test_policy_attention_with_every_patch_dropped_is_finite(rng):
+    attn = _attention(qk_scale=12.0)
     policy = torch.zeros(2, 8)
     policy[:, 0] = 1.0
-    attn = (torch.randn(2, 1, 8, 8, generator=rng) + policy_attn_mask(policy)).softmax(-1)
-    assert torch.isfinite(attn).all()
-    # A dropped query sees only CLS and itself.
-    assert (attn[:, :, 1:, 0] + attn[:, :, 1:, 1:].diagonal(dim1=-2, dim2=-1) > 1 - 1e-4).all()
+    with torch.no_grad():
+        out = policy_attention(attn, torch.randn(2, 8, 16, generator=rng), policy)
+    assert torch.isfinite(out).all()
 
 
 def _softmax_with_policy(logits: torch.Tensor, policy: torch.Tensor, eps: float = EPS) -> torch.Tensor:
@@ -216,10 +265,17 @@ def _softmax_with_policy(logits: torch.Tensor, policy: torch.Tensor, eps: float 
 
 
 def test_policy_gradient_matches_the_reference_softmax_with_policy(rng):
-    b, h, n, d = 2, 3, 10, 8
-    q, k, v = (torch.randn(b, h, n, d, generator=rng) for _ in range(3))
-    upstream = torch.randn(b, h, n, d, generator=rng)
-    hard = _policy(rng, b, n)
+    """At ordinary logit ranges the reference's eps is negligible: outputs and the policy's
+    gradient (the multiplicative form's, reaching dropped tokens too) must agree."""
+    attn = _attention(dim=24, heads=3)
+    x = torch.randn(2, 10, 24, generator=rng)
+    upstream = torch.randn(2, 10, 24, generator=rng)
+    hard = _policy(rng, 2, 10)
+
+    def reference(p):
+        q, k, v = qkv_heads(attn, x)
+        w = _softmax_with_policy((q @ k.transpose(-2, -1)) * attn.scale, p)
+        return merge_heads(attn, w @ v)
 
     def grads(attend):
         policy = hard.clone().requires_grad_(True)
@@ -227,13 +283,27 @@ def test_policy_gradient_matches_the_reference_softmax_with_policy(rng):
         (g_policy,) = torch.autograd.grad((out * upstream).sum(), policy)
         return out.detach(), g_policy
 
-    ours_out, ours_g = grads(lambda p: F.scaled_dot_product_attention(q, k, v, attn_mask=policy_attn_mask(p)))
-    ref_out, ref_g = grads(lambda p: _softmax_with_policy(q @ k.transpose(-2, -1) / math.sqrt(d), p) @ v)
-
-    torch.testing.assert_close(ours_out, ref_out, atol=5e-5, rtol=1e-4)  # eps placed differently
+    ours_out, ours_g = grads(lambda p: policy_attention(attn, x, p))
+    ref_out, ref_g = grads(reference)
+    torch.testing.assert_close(ours_out, ref_out, atol=5e-5, rtol=1e-4)
     assert ref_g.abs().max() > 1e-2  # the check below is not vacuous
     assert (ref_g[hard == 0] != 0).any()  # dropped tokens get a gradient too (straight-through)
     torch.testing.assert_close(ours_g, ref_g, atol=1e-4, rtol=1e-3)
+
+
+def test_reference_eps_form_leaks_at_large_logits_and_ours_does_not(rng):
+    """The reason for the exact form: with logits spanning ~75 the eps form puts visible weight on a
+    dropped key whose logit dominates; ours matches the forward that really removes it."""
+    attn = _attention(qk_scale=12.0)
+    x = torch.randn(2, 12, 16, generator=rng)
+    policy = _policy(rng, 2, 12)
+    with torch.no_grad():
+        q, k, v = qkv_heads(attn, x)
+        leaky = merge_heads(attn, _softmax_with_policy((q @ k.transpose(-2, -1)) * attn.scale, policy) @ v)
+        exact = _brute_force_attention(attn, x, policy)
+        ours = policy_attention(attn, x, policy)
+    assert (leaky - exact).abs().max() > 1e-2
+    torch.testing.assert_close(ours, exact, atol=2e-5, rtol=1e-4)
 
 
 # ---------------------------------------------------------------- gather equivalence

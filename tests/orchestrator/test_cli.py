@@ -86,7 +86,7 @@ def cases(tmp_path_factory, digits_root, existing_db) -> dict[str, Case]:
 
     add("missing_config", ["validate", str(root / "missing_config" / "nope.yaml")])
     add("malformed_yaml", ["validate", str(write(root / "malformed_yaml" / "broken.yaml", "name: x\nmethod: {name: dynamicvit\n"))])
-    bad_method = GOOD_CONFIG.replace("name: dynamicvit", "name: tome")
+    bad_method = GOOD_CONFIG.replace("name: dynamicvit", "name: no_such_method")
     add("unknown_method", ["sweep", config(root / "unknown_method", digits_root, text=bad_method.format(data=digits_root, space="dynamicvit", track=root / "unknown_method" / "track"))])
     for name, (space, _) in BAD_SPACES.items():
         write(root / name / "cfg" / "spaces" / "bad_space.yaml", space)
@@ -139,7 +139,7 @@ def test_malformed_yaml(cases):
 
 
 def test_unknown_method(cases):
-    assert_user_error(cases["unknown_method"], "'tome'", "dynamicvit", "dense")
+    assert_user_error(cases["unknown_method"], "'no_such_method'", "dynamicvit", "dense")
 
 
 @pytest.mark.parametrize("name", list(BAD_SPACES))
@@ -191,6 +191,11 @@ def test_data_digits(cases):
 def test_methods(cases):
     case = cases["methods"]
     assert case.returncode == 0, case.stderr[-2000:]
-    names = [line.split(":", 1)[0] for line in case.stdout.splitlines()]
-    assert {"dynamicvit", "dense"} <= set(names)
-    assert "keep_ratio" in case.stdout and "needs_teacher=True" in case.stdout
+    import methods
+
+    heads = [line.split(" ", 1)[0] for line in case.stdout.splitlines() if line and not line.startswith(" ")]
+    assert heads == methods.list_methods()  # every registered method, each once
+    rows = {tuple(line.split()[:2]): line for line in case.stdout.splitlines() if line.startswith("  ")}
+    # DynamicViT's keep ratio: the paper's default and the range of search_spaces/dynamicvit.yaml
+    assert "uniform [0.5, 0.9]" in rows[("keep_ratio", "0.7")]
+    assert "dynamicvit (needs_pretrained, needs_teacher)" in case.stdout

@@ -116,11 +116,11 @@ def test_malformed_yaml_names_the_file_and_line(tmp_path):
 
 
 def test_unknown_method_lists_known_methods(tmp_path):
-    path = write(tmp_path / "exp.yaml", MINIMAL.replace("name: dynamicvit", "name: tome"))
+    path = write(tmp_path / "exp.yaml", MINIMAL.replace("name: dynamicvit", "name: no_such_method"))
     with pytest.raises(ConfigError) as e:
         load_experiment(path)
     msg = str(e.value)
-    assert "'tome'" in msg and "dense" in msg and "dynamicvit" in msg and "exp.yaml" in msg
+    assert "'no_such_method'" in msg and "dense" in msg and "dynamicvit" in msg and "exp.yaml" in msg
 
 
 def test_unknown_field_in_yaml_names_it(tmp_path):
@@ -202,7 +202,7 @@ def test_method_cannot_be_overridden(exp):
     "overrides, field",
     [
         ({"keep_ratio": 1.5}, "keep_ratio"),
-        ({"train.epochs": 0}, "epochs"),
+        ({"train.epochs": -1}, "epochs"),
         ({"train.epochs": 2.5}, "train.epochs"),
         ({"train.amp": "yes"}, "train.amp"),
         ({"resources.placement_strategy": "X"}, "placement_strategy"),

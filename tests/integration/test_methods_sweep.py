@@ -1,0 +1,137 @@
+"""One real sweep over every token method side by side (a conditional search space), on the digits.
+
+DynamicViT, Evo-ViT and SPViT train one epoch each from the dense backbone the sweep trains first;
+ToMe trials train nothing (evaluate and measure in their Tune actor). The dense backbone is measured
+beside them as the sweep's reference run. Objectives are accuracy and GFLOPs (deterministic, unlike
+timings), so the front can be checked against a brute-force computation over the recorded metrics.
+"""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import yaml
+from mlflow import MlflowClient
+
+pytestmark = pytest.mark.integration
+
+EXPERIMENT = "it-methods"
+FINAL = ("val_top1", "latency_ms", "throughput_ips", "dense_latency_ms", "dense_throughput_ips", "speedup", "gflops", "dense_gflops")
+# One point per method first (the method is a searched choice; later trials are Optuna's picks).
+POINTS = [
+    {"method": "tome", "r": 1, "inflect": 0.0},
+    {"method": "dynamicvit", "keep_ratio": 0.5, "ratio_weight": 2.0, "distill_weight": 0.5, "token_distill_weight": 0.5, "train.lr": 5.0e-4},
+    {"method": "evovit", "prune_ratio": 0.5},
+    {"method": "spvit", "latency_target_ratio": 0.9},
+    {"method": "tome", "r": 6, "inflect": 0.0},
+]
+
+
+def _config(tmp_path: Path, digits_dir: Path) -> Path:
+    methods = [
+        {"method": {"name": "dynamicvit", "pruning_loc": [1, 2, 3]}, "search_space": "dyn.yaml"},
+        {"method": {"name": "evovit", "prune_location": 1, "stage_starts": [1, 2]}, "search_space": "evo.yaml"},
+        # batch-16 latency tables: at batch 1 a 65-token block's latency hardly depends on its tokens
+        {"method": {"name": "spvit", "pruning_loc": [1, 2, 3], "latency_batch_size": 16}, "search_space": "sp.yaml"},
+        {"method": {"name": "tome"}, "search_space": "tome"},
+    ]
+    spaces = {
+        "dyn.yaml": {"keep_ratio": {"distribution": "uniform", "low": 0.5, "high": 0.9},
+                     "ratio_weight": {"distribution": "fixed", "value": 2.0}, "distill_weight": {"distribution": "fixed", "value": 0.5},
+                     "token_distill_weight": {"distribution": "fixed", "value": 0.5}, "train.lr": {"distribution": "fixed", "value": 5.0e-4}},
+        "evo.yaml": {"prune_ratio": {"distribution": "uniform", "low": 0.3, "high": 0.7}},
+        "sp.yaml": {"latency_target_ratio": {"distribution": "uniform", "low": 0.85, "high": 0.95}},
+    }
+    for name, space in spaces.items():
+        (tmp_path / name).write_text(yaml.safe_dump(space))
+    cfg = {
+        "name": "it-methods",
+        "method": {"name": "dynamicvit", "pruning_loc": [1, 2, 3]},
+        "model": {"name": "vit_tiny_patch16_224", "img_size": 32, "patch_size": 4, "depth": 4, "embed_dim": 96, "num_heads": 3, "num_classes": 10},
+        "data": {"path": str(digits_dir), "hflip": 0.0, "scale": [0.8, 1.0], "color_jitter": None, "crop_pct": 1.0, "loader_workers": 0},
+        "pretrain": {"epochs": 3, "batch_size": 64, "lr": 2.0e-3, "amp": False},
+        "train": {"epochs": 1, "batch_size": 64, "lr": 5.0e-4, "amp": False},
+        "resources": {"num_workers": 1, "cpus_per_worker": 2},
+        "sweep": {
+            "methods": methods, "num_samples": len(POINTS), "max_concurrent_trials": 1, "seed": 1,
+            "objectives": [{"metric": "val_top1", "mode": "max"}, {"metric": "gflops", "mode": "min"}],
+            "points_to_evaluate": POINTS,
+        },
+        "measure": {"batch_size": 16, "warmup": 2, "iters": 5, "rounds": 1},
+        "tracking": {"experiment": EXPERIMENT},
+        "storage_path": "runs",
+    }
+    path = tmp_path / "sweep.yaml"
+    path.write_text(yaml.safe_dump(cfg))
+    return path
+
+
+@pytest.fixture(scope="module")
+def sweep(tmp_path_factory, digits_dir, mlflow_server, run_cli):
+    tmp_path = tmp_path_factory.mktemp("methods")
+    config = _config(tmp_path, digits_dir)
+    proc = run_cli("sweep", str(config), "--tracking-uri", mlflow_server, cwd=tmp_path, timeout=1200)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-6000:]
+    client = MlflowClient(mlflow_server)
+    exp = client.get_experiment_by_name(EXPERIMENT)
+    runs = client.search_runs([exp.experiment_id], filter_string="tags.`prunetune.role` != 'pretrain'")
+    return tmp_path, proc, client, runs
+
+
+def _role(runs, role):
+    return [r for r in runs if r.data.tags.get("prunetune.role") == role]
+
+
+def test_every_method_ran_and_was_measured(sweep):
+    _, _, client, runs = sweep
+    trials = _role(runs, "trial")
+    assert len(trials) == len(POINTS)
+    assert {t.data.tags["method"] for t in trials} == {"dynamicvit", "evovit", "spvit", "tome"}
+    for t in trials:
+        assert t.info.status == "FINISHED", t.data.tags
+        assert set(FINAL) <= set(t.data.metrics), (t.data.tags["method"], sorted(t.data.metrics))
+        assert t.data.metrics["gflops"] < t.data.metrics["dense_gflops"], t.data.tags["method"]  # tokens really removed
+        trained = t.data.tags["method"] != "tome"
+        assert ("train_loss" in t.data.metrics) == trained  # ToMe trials train nothing
+        assert int(t.data.params["train.epochs"]) == (1 if trained else 0)
+    # the searched method's own parameters are recorded under their config names
+    tome = {float(t.data.params["r"]) for t in trials if t.data.tags["method"] == "tome"}
+    assert {1.0, 6.0} <= tome
+
+
+def test_dense_reference_is_recorded_beside_the_trials(sweep):
+    _, _, _, runs = sweep
+    (ref,) = _role(runs, "reference")
+    (parent,) = _role(runs, "sweep")
+    assert ref.info.status == "FINISHED"
+    assert ref.data.tags["method"] == "dense"
+    assert ref.data.tags["mlflow.parentRunId"] == parent.info.run_id
+    m = ref.data.metrics
+    assert m["gflops"] == pytest.approx(m["dense_gflops"], rel=1e-9)
+    assert m["val_top1"] > 50  # the trained dense backbone, not random weights
+    assert parent.data.tags["method"] == "dynamicvit,evovit,spvit,tome"
+
+
+def _brute_force_front(runs) -> set[str]:
+    points = {r.info.run_id: (r.data.metrics["val_top1"], -r.data.metrics["gflops"]) for r in runs if r.info.status == "FINISHED"}
+    front = set()
+    for rid, (a, b) in points.items():
+        if not any((a2 >= a and b2 >= b) and (a2 > a or b2 > b) for a2, b2 in points.values()):
+            front.add(rid)
+    return front
+
+
+def test_one_front_across_methods(sweep, mlflow_server, run_cli):
+    tmp_path, proc, _, runs = sweep
+    candidates = _role(runs, "trial") + _role(runs, "reference")
+    tagged = {r.info.run_id for r in candidates if r.data.tags.get("pareto") == "true"}
+    assert tagged == _brute_force_front(candidates)
+    methods = {r.data.tags["method"] for r in candidates if r.info.run_id in tagged}
+    assert len(methods - {"dense"}) >= 2, methods  # the front spans several methods
+    out = run_cli("pareto", "--experiment", EXPERIMENT, "--tracking-uri", mlflow_server, "--json", cwd=tmp_path, timeout=120)
+    assert out.returncode == 0, out.stderr
+    rows = json.loads(out.stdout)["front"]
+    assert {r["run_id"] for r in rows} == tagged
+    assert {r["method"] for r in rows} == methods
+    assert "Pareto front" in proc.stdout
