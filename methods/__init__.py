@@ -12,6 +12,7 @@ from .backbone import BackboneConfig, CheckpointError, create_backbone, load_bac
 from .base import (  # noqa: E402
     Geometry,
     LossOutput,
+    Measurement,
     MethodConfig,
     MethodOutput,
     SparsityMethod,
@@ -25,7 +26,7 @@ from .measure import MeasureConfig, count_gflops, measure_pair  # noqa: E402
 
 __all__ = [
     "BackboneConfig", "CheckpointError", "create_backbone", "load_backbone_weights",
-    "Geometry", "LossOutput", "MethodConfig", "MethodOutput", "SparsityMethod", "StepHooks", "UnknownMethodError",
+    "Geometry", "LossOutput", "Measurement", "MethodConfig", "MethodOutput", "SparsityMethod", "StepHooks", "UnknownMethodError",
     "get_method", "list_methods", "register_method",
     "MeasureConfig", "count_gflops", "measure_pair",
 ]

@@ -28,6 +28,7 @@ __all__ = [
     "MethodConfig",
     "MethodOutput",
     "LossOutput",
+    "Measurement",
     "StepHooks",
     "SparsityMethod",
     "register_method",
@@ -97,6 +98,16 @@ class MethodOutput:
 
 
 @dataclass
+class Measurement:
+    """What a trial measures of its model: flat metrics (``latency_ms``, ``throughput_ips``,
+    ``dense_*``, ``speedup``, ``throughput_ratio``, ``gflops``, ...) and optional tables, each a list
+    of rows (dicts) recorded as CSV with a plot of its first column against its second."""
+
+    metrics: dict[str, float]
+    tables: dict[str, list[dict[str, float]]] = field(default_factory=dict)
+
+
+@dataclass
 class LossOutput:
     """The scalar to back-propagate and its named terms (detached, for logging)."""
 
@@ -133,6 +144,8 @@ class SparsityMethod(Generic[C]):
         needs_teacher: the loop passes the frozen dense backbone's output as ``teacher`` (see ``uses_teacher``).
         needs_pretrained: the method starts from trained dense weights (the sweep trains them first
             when none are given); False for methods trained from scratch.
+        needs_calibration: the loop holds out part of the training images (``data.holdout``) and
+            calls ``calibrate`` after training.
         find_unused_parameters: some parameters get no gradient on some steps (e.g. early exits),
             so DDP must be told.
     """
@@ -141,6 +154,7 @@ class SparsityMethod(Generic[C]):
     config_cls: ClassVar[type[MethodConfig]]
     needs_teacher: ClassVar[bool] = False
     needs_pretrained: ClassVar[bool] = True
+    needs_calibration: ClassVar[bool] = False
     find_unused_parameters: ClassVar[bool] = False
 
     def uses_teacher(self, cfg: C) -> bool:
@@ -182,9 +196,34 @@ class SparsityMethod(Generic[C]):
         """Optimizer parameter groups. Default: one group, no decay on 1-d params and tokens (DeiT)."""
         return split_decay(model.named_parameters(), lr, weight_decay)
 
-    def hooks(self, model: nn.Module, cfg: C) -> StepHooks:
-        """Per-step hooks for this model (see ``StepHooks``)."""
+    def hooks(self, model: nn.Module, cfg: C, optimizer: torch.optim.Optimizer | None = None) -> StepHooks:
+        """Per-step hooks for this model (see ``StepHooks``); ``optimizer`` is the run's, for methods
+        that must edit its state (e.g. zero AdamW moments where DST pruned weights)."""
         return StepHooks()
+
+    def calibrate(self, model: nn.Module, cfg: C, loader: Any, device: torch.device) -> dict[str, float]:
+        """After training, before measuring: fit what inference needs on held-out training images
+        with eval transforms (``needs_calibration``; e.g. DVT's exit thresholds for its budget).
+        Runs on one rank; what it fits must live in the model's state (buffers). Returns metrics."""
+        return {}
+
+    def inference_model(self, model: nn.Module, cfg: C) -> nn.Module:
+        """The network inference really runs, e.g. S2ViTE's physically smaller export. Default: ``model``."""
+        return model
+
+    def measure(
+        self, model: nn.Module, dense: nn.Module, cfg: C, loader: Any, image_shape: tuple[int, int, int],
+        device: torch.device, measure_cfg: Any,
+    ) -> "Measurement":
+        """Latency, throughput and GFLOPs of the trained ``model`` beside ``dense`` on this device.
+
+        Default: ``measure_pair`` of ``inference_model(model)``. A method whose cost depends on the
+        input (DVT's early exits) measures over ``loader`` (the val set) itself and may add tables
+        (e.g. accuracy against budget), which the orchestrator records as artifacts.
+        """
+        from .measure import measure_pair
+
+        return Measurement(measure_pair(self.inference_model(model, cfg), dense, image_shape, device, measure_cfg))
 
     def stats(self, model: nn.Module, out: MethodOutput | None = None) -> dict[str, float]:
         """Method-specific metrics (flat snake_case floats), from the model and optionally a train output."""

@@ -60,6 +60,11 @@ class DataConfig:
     mean: tuple[float, float, float] = (0.485, 0.456, 0.406)
     std: tuple[float, float, float] = (0.229, 0.224, 0.225)
     loader_workers: int = 4
+    holdout: float = 0.1  # share of train/ held out (eval transforms) for methods that calibrate after training
+
+    def __post_init__(self) -> None:
+        if not 0.0 < self.holdout < 1.0:
+            raise ValueError(f"holdout must be in (0, 1), got {self.holdout}")
 
 
 @dataclass(frozen=True)

@@ -10,12 +10,16 @@ import shutil
 import tempfile
 from pathlib import Path
 
-from torch.utils.data import Dataset
+import torch
+from torch.utils.data import Dataset, Subset
 
 from .config import DataConfig
 from .errors import DataError
 
-__all__ = ["write_digits", "check_image_folder", "build_datasets", "IMAGE_EXTENSIONS"]
+__all__ = [
+    "write_digits", "check_image_folder", "build_datasets", "build_calibration_datasets", "build_val_dataset",
+    "holdout_split", "IMAGE_EXTENSIONS",
+]
 
 _logger = logging.getLogger(__name__)
 
@@ -112,6 +116,27 @@ def build_datasets(cfg: DataConfig, img_size: int) -> tuple[Dataset, Dataset]:
     )
     root = Path(cfg.path)
     return ImageFolder(str(root / "train"), transform=train_tf), ImageFolder(str(root / "val"), transform=val_tf)
+
+
+def holdout_split(train: Dataset, calibration: Dataset, fraction: float, seed: int) -> tuple[Dataset, Dataset]:
+    """``train`` without a held-out ``fraction`` of its images, and those images from ``calibration``
+    (the same folder with eval transforms). The split depends on ``seed`` only, so every rank agrees."""
+    n = len(train)
+    order = torch.randperm(n, generator=torch.Generator().manual_seed(seed)).tolist()
+    k = max(1, int(round(n * fraction)))
+    held = sorted(order[:k])
+    kept = sorted(order[k:])
+    return Subset(train, kept), Subset(calibration, held)
+
+
+def build_calibration_datasets(cfg: DataConfig, img_size: int, seed: int) -> tuple[Dataset, Dataset, Dataset]:
+    """Train (minus the held-out share), the held-out share with eval transforms, and val."""
+    from torchvision.datasets import ImageFolder
+
+    train, val = build_datasets(cfg, img_size)
+    clean = ImageFolder(str(Path(cfg.path) / "train"), transform=val.transform)
+    train, calibration = holdout_split(train, clean, cfg.holdout, seed)
+    return train, calibration, val
 
 
 def build_val_dataset(cfg: DataConfig, img_size: int) -> Dataset:

@@ -58,11 +58,18 @@ class MlflowReportCallback(UserCallback):
     def after_report(self, run_context, metrics: list[dict[str, Any]], checkpoint) -> None:
         reported = metrics[0] if metrics else {}
         try:
-            self.tracker.log_metrics(self.run_id, reported, step=int(reported.get("epoch", 0)))
+            log_final(self.tracker, self.run_id, reported)
             if checkpoint is not None:
                 self.tracker.set_tags(self.run_id, {"checkpoint_uri": checkpoint.path})
         except Exception as e:  # a tracking hiccup must not kill training; the checkpoint is safe
             _logger.warning("MLflow logging failed for run %s: %s", self.run_id, e)
+
+
+def log_final(tracker: Tracker, run_id: str, reported: dict[str, Any]) -> None:
+    """A report's metrics (step = epoch), and the measurement's tables as artifacts when it has them."""
+    tracker.log_metrics(run_id, reported, step=int(reported.get("epoch", 0)))
+    if loop.TABLES_KEY in reported:
+        tracker.log_tables(run_id, json.loads(reported[loop.TABLES_KEY]))
 
 
 def _trainer(exp: ExperimentConfig, stage: str, name: str, storage_path: str, callbacks: list) -> TorchTrainer:
@@ -154,8 +161,8 @@ def evaluate_here(exp: ExperimentConfig, tracker: Tracker, run_id: str) -> dict[
     pretrained = str(storage.fetch(exp.model.pretrained)) if exp.model.pretrained else None
     run = loop.build_run(exp, "trial", device, pretrained_path=pretrained)
     final = loop.fit(run, lambda metrics, state: None)
-    tracker.log_metrics(run_id, final, step=int(final.get("epoch", 0)))
-    return final
+    log_final(tracker, run_id, final)
+    return {k: v for k, v in final.items() if k != loop.TABLES_KEY}
 
 
 def measure_reference(exp: ExperimentConfig, tracker: Tracker, parent_id: str) -> str:

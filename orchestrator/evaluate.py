@@ -13,7 +13,7 @@ from dataclasses import replace
 import torch
 from torch.utils.data import DataLoader
 
-from methods import CheckpointError, create_backbone, get_method, measure_pair
+from methods import CheckpointError, create_backbone, get_method
 from methods.checkpoint import load_method_checkpoint
 from methods.dense import DenseViT
 
@@ -45,6 +45,10 @@ def evaluate_checkpoint(exp: ExperimentConfig, checkpoint: str, layout: str = "a
     loader = DataLoader(build_val_dataset(exp.data, img[0]), batch_size=exp.train.batch_size, num_workers=exp.data.loader_workers)
     _logger.info("evaluating %s (%s layout) on %s, %d images", exp.method, found, exp.data.path, len(loader.dataset))
     metrics = loop.evaluate_model(model, loader, dev)
-    metrics.update(measure_pair(model, dense, (3, *img), dev, exp.measure))
+    measured = method.measure(model, dense, cfg, loader, (3, *img), dev, exp.measure)
+    metrics.update(measured.metrics)
     metrics.update(method.stats(model))
-    return {"method": exp.method, "backbone": exp.model.name, "checkpoint_layout": found, "device": str(dev), "metrics": metrics}
+    return {
+        "method": exp.method, "backbone": exp.model.name, "checkpoint_layout": found, "device": str(dev),
+        "metrics": metrics, "tables": measured.tables,
+    }

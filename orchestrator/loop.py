@@ -9,6 +9,7 @@ evaluation counts through ``torch.distributed`` when a process group exists.
 from __future__ import annotations
 
 import copy
+import json
 import logging
 import os
 import time
@@ -23,11 +24,11 @@ from timm.scheduler import CosineLRScheduler
 from torch import nn
 from torch.utils.data import DataLoader, DistributedSampler, Subset
 
-from methods import MethodConfig, SparsityMethod, StepHooks, create_backbone, get_method, load_backbone_weights, measure_pair
+from methods import MethodConfig, SparsityMethod, StepHooks, create_backbone, get_method, load_backbone_weights
 from methods.dense import DenseConfig, DenseViT
 
 from .config import ExperimentConfig, TrainConfig
-from .data import build_datasets
+from .data import build_calibration_datasets, build_datasets
 
 __all__ = ["Run", "build_run", "fit", "restore", "NonFiniteLossError", "Report"]
 
@@ -67,6 +68,8 @@ class Run:
     hooks: StepHooks = field(default_factory=StepHooks)
     epoch: int = 0  # next epoch to train
     step: int = 0  # optimizer steps so far
+    val_set: Any = None  # the whole val split (rank 0 measures over it when the method's cost depends on the input)
+    calibration_loader: DataLoader | None = None  # held-out train images, eval transforms (``needs_calibration``)
 
 
 def build_run(
@@ -100,7 +103,11 @@ def build_run(
     raw = method.build_model(method_cfg, base).to(device)
 
     img_size = base.patch_embed.img_size
-    train_ds, val_ds = build_datasets(exp.data, img_size[0])
+    calibration_ds = None
+    if stage == "trial" and method.needs_calibration:
+        train_ds, calibration_ds, val_ds = build_calibration_datasets(exp.data, img_size[0], exp.train.seed)
+    else:
+        train_ds, val_ds = build_datasets(exp.data, img_size[0])
     sampler = DistributedSampler(train_ds, world_size, rank, shuffle=True, seed=train_cfg.seed) if world_size > 1 else None
     pin = device.type == "cuda"
     workers = exp.data.loader_workers
@@ -112,6 +119,9 @@ def build_run(
     val_loader = DataLoader(val_shard, batch_size=train_cfg.batch_size, num_workers=workers, pin_memory=pin)
 
     run = Run(exp, stage, method, method_cfg, train_cfg, raw, teacher, dense, train_loader, val_loader, device, (3, *img_size), rank, world_size)
+    run.val_set = val_ds
+    if calibration_ds is not None:  # every rank calibrates on all of it: same weights, same thresholds
+        run.calibration_loader = DataLoader(calibration_ds, batch_size=train_cfg.batch_size, num_workers=workers)
     run.model = raw
     run.optimizer = torch.optim.AdamW(method.param_groups(raw, method_cfg, train_cfg.lr, train_cfg.weight_decay), lr=train_cfg.lr)
     steps = len(train_loader)
@@ -120,7 +130,7 @@ def build_run(
         warmup_t=int(train_cfg.warmup_epochs * steps), warmup_lr_init=train_cfg.min_lr, t_in_epochs=False,
     )
     run.scaler = torch.amp.GradScaler(device.type, enabled=_amp_dtype(run) == torch.float16)
-    run.hooks = method.hooks(raw, method_cfg)
+    run.hooks = method.hooks(raw, method_cfg, run.optimizer)
     return run
 
 
@@ -266,13 +276,34 @@ def fit(run: Run, report: Report) -> dict[str, float]:
                 run.stage, run.epoch, total, metrics["train_loss"], metrics["val_top1"], metrics["epoch_time_s"],
             )
         report(metrics, checkpoint_state(run, metrics) if run.rank == 0 else None)
+    calibrated: dict[str, float] = {}
+    if run.stage == "trial" and run.calibration_loader is not None:
+        run.raw.eval()
+        calibrated = run.method.calibrate(run.raw, run.method_cfg, run.calibration_loader, run.device)
+        metrics = {"epoch": max(total - 1, 0), **evaluate(run)}  # accuracy as calibrated
     if not metrics:  # nothing to train (epochs 0), or resumed after the last epoch: evaluate for the final report
         metrics = {"epoch": max(total - 1, 0), **evaluate(run)}
     final = {k: v for k, v in metrics.items() if k.startswith("val_") or k == "epoch"}
     if run.stage == "trial":
         if run.rank == 0:
-            final.update(measure_pair(run.raw, run.dense, run.image_shape, run.device, run.exp.measure))
+            final.update(calibrated)
+            final.update(measure(run))
             final["params_m"] = sum(p.numel() for p in run.raw.parameters()) / 1e6
             final.update(run.method.stats(run.raw))
         report(final, None)
     return final
+
+
+#: A trial's measurement tables travel to the tracker inside its final metrics, as JSON under this key.
+TABLES_KEY = "measure_tables_json"
+
+
+def measure(run: Run) -> dict[str, Any]:
+    """The method's measurement of the trained model beside the dense one (``SparsityMethod.measure``);
+    its tables, if any, ride along as JSON under ``TABLES_KEY``."""
+    loader = DataLoader(run.val_set, batch_size=run.train_cfg.batch_size, num_workers=run.exp.data.loader_workers) if run.val_set is not None else None
+    result = run.method.measure(run.raw, run.dense, run.method_cfg, loader, run.image_shape, run.device, run.exp.measure)
+    out: dict[str, Any] = dict(result.metrics)
+    if result.tables:
+        out[TABLES_KEY] = json.dumps(result.tables)
+    return out

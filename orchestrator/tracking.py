@@ -190,6 +190,20 @@ class Tracker:
         for chunk in _chunks(items, 1000):
             self.client.log_batch(run_id, metrics=chunk)
 
+    def log_tables(self, run_id: str, tables: dict[str, list[dict[str, Any]]]) -> None:
+        """Each table as ``<name>.csv`` and a plot of its first column against its second (``<name>.png``)."""
+        for name, rows in tables.items():
+            if not rows:
+                continue
+            columns = list(dict.fromkeys(k for row in rows for k in row))
+            buf = io.StringIO()
+            writer = csv.DictWriter(buf, fieldnames=columns)
+            writer.writeheader()
+            writer.writerows(rows)
+            self.client.log_text(run_id, buf.getvalue(), f"{name}.csv")
+            if len(columns) >= 2:
+                self.client.log_figure(run_id, _table_figure(name, rows, columns[0], columns[1]), f"{name}.png")
+
     def set_tags(self, run_id: str, tags: dict[str, Any]) -> None:
         from mlflow.entities import RunTag
 
@@ -366,5 +380,21 @@ def _front_figure(front: list[dict], everything: list[dict], objectives):
     ax.grid(alpha=0.3)
     if ax.get_legend_handles_labels()[0]:  # an empty sweep has nothing to label
         ax.legend(loc="best")
+    fig.tight_layout()
+    return fig
+
+
+def _table_figure(name: str, rows: list[dict], x: str, y: str):
+    from matplotlib.figure import Figure
+
+    pts = sorted((float(r[x]), float(r[y])) for r in rows if r.get(x) is not None and r.get(y) is not None)
+    fig = Figure(figsize=(6.4, 4.8), dpi=100)
+    ax = fig.add_subplot()
+    if pts:
+        ax.plot(*zip(*pts), "o-")
+    ax.set_xlabel(_AXIS_LABELS.get(x, x))
+    ax.set_ylabel(_AXIS_LABELS.get(y, y))
+    ax.set_title(name.replace("_", " "))
+    ax.grid(alpha=0.3)
     fig.tight_layout()
     return fig

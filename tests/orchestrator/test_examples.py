@@ -6,7 +6,7 @@ from pathlib import Path
 import pytest
 
 from orchestrator.config import load_experiment
-from orchestrator.search_space import load_search_space
+from orchestrator.search_space import load_sweep_space
 
 EXAMPLES = sorted((Path(__file__).resolve().parents[2] / "cluster" / "examples").glob("*.yaml"))
 
@@ -18,7 +18,7 @@ def test_there_are_examples():
 @pytest.mark.parametrize("path", EXAMPLES, ids=lambda p: p.name)
 def test_example_config_is_valid(path):
     exp = load_experiment(path)
-    space = load_search_space(exp.sweep.search_space, exp, base=path.parent)
-    assert space.names()
+    space = load_sweep_space(exp, base=path.parent)
+    assert space.names() and all(arm.space.names() for arm in space.arms)
     assert Path(exp.data.path).is_absolute()
     assert exp.storage_path.startswith("s3://") or Path(exp.storage_path).is_absolute()

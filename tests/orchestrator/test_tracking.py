@@ -353,3 +353,35 @@ def test_tracker_is_picklable(sweep):
 
     clone = pickle.loads(pickle.dumps(sweep["tracker"]))
     assert clone.find_trial_run(sweep["parent"], "t_a") == sweep["runs"]["t_a"]
+
+
+def test_measurement_tables_become_csv_and_plot_artifacts(mlflow_tmp, tmp_path):
+    tracker = Tracker(mlflow_tmp, "tables")
+    run_id = tracker.start_run("t", params={}, tags={})
+    rows = [{"gflops": 0.3, "val_top1": 80.0, "share": 0.5}, {"gflops": 0.1, "val_top1": 60.0}]
+    tracker.log_tables(run_id, {"accuracy_vs_budget": rows, "empty": []})
+    client = MlflowClient(mlflow_tmp)
+    names = {a.path for a in client.list_artifacts(run_id)}
+    assert names == {"accuracy_vs_budget.csv", "accuracy_vs_budget.png"}
+    back = list(csv.DictReader(open(client.download_artifacts(run_id, "accuracy_vs_budget.csv", str(tmp_path)))))
+    assert [(float(r["gflops"]), float(r["val_top1"]), r["share"]) for r in back] == [(0.3, 80.0, "0.5"), (0.1, 60.0, "")]
+    assert Path(client.download_artifacts(run_id, "accuracy_vs_budget.png", str(tmp_path))).read_bytes()[:4] == b"\x89PNG"
+
+
+def test_reference_run_competes_on_the_front_but_is_not_a_trial(mlflow_tmp):
+    from orchestrator.tracking import REFERENCE_ROLE
+
+    tracker = Tracker(mlflow_tmp, "ref")
+    parent = tracker.start_run("sweep", params={}, tags={ROLE_TAG: "sweep", SEARCHED_TAG: "r"})
+    points = {"dense": (80.0, 10.0), "a": (79.0, 6.0), "b": (70.0, 7.0)}  # b is dominated by a; dense is the most accurate
+    ids = {}
+    for name, (acc, lat) in points.items():
+        role = REFERENCE_ROLE if name == "dense" else "trial"
+        ids[name] = tracker.start_run(name, params={"r": 1}, tags={ROLE_TAG: role, TRIAL_TAG: name, "method": name}, parent_id=parent)
+        tracker.log_metrics(ids[name], {"val_top1": acc, "latency_ms": lat})
+        tracker.end_run(ids[name])
+    front = tracker.finalize_sweep(parent, OBJECTIVES)
+    assert {r["run_id"] for r in front} == {ids["dense"], ids["a"]}
+    assert {r["method"] for r in front} == {"dense", "a"}
+    parent_run = MlflowClient(mlflow_tmp).get_run(parent)
+    assert parent_run.data.metrics["trials"] == 2 and parent_run.data.metrics["pareto_size"] == 2
