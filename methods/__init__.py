@@ -7,7 +7,7 @@ from ._compat import ensure_torchvision_importable
 
 ensure_torchvision_importable()
 
-from . import dense, dynamicvit, evovit, tome, spvit  # noqa: E402  (registers the methods)
+from . import dense, dynamicvit, evovit, tome, spvit, dvt, svite  # noqa: E402  (registers the methods)
 from .backbone import BackboneConfig, CheckpointError, create_backbone, load_backbone_weights  # noqa: E402
 from .base import (  # noqa: E402
     Geometry,

@@ -148,6 +148,8 @@ class SparsityMethod(Generic[C]):
             calls ``calibrate`` after training.
         find_unused_parameters: some parameters get no gradient on some steps (e.g. early exits),
             so DDP must be told.
+        broadcast_buffers: DDP re-broadcasts buffers from rank 0 every forward; False where every
+            rank computes identical buffers itself (DST masks).
     """
 
     name: ClassVar[str]
@@ -156,6 +158,7 @@ class SparsityMethod(Generic[C]):
     needs_pretrained: ClassVar[bool] = True
     needs_calibration: ClassVar[bool] = False
     find_unused_parameters: ClassVar[bool] = False
+    broadcast_buffers: ClassVar[bool] = True
 
     def uses_teacher(self, cfg: C) -> bool:
         """Whether training with ``cfg`` needs the frozen dense teacher's output (default: ``needs_teacher``)."""
@@ -196,10 +199,18 @@ class SparsityMethod(Generic[C]):
         """Optimizer parameter groups. Default: one group, no decay on 1-d params and tokens (DeiT)."""
         return split_decay(model.named_parameters(), lr, weight_decay)
 
-    def hooks(self, model: nn.Module, cfg: C, optimizer: torch.optim.Optimizer | None = None) -> StepHooks:
+    def hooks(
+        self, model: nn.Module, cfg: C, optimizer: torch.optim.Optimizer | None = None, total_steps: int | None = None,
+    ) -> StepHooks:
         """Per-step hooks for this model (see ``StepHooks``); ``optimizer`` is the run's, for methods
-        that must edit its state (e.g. zero AdamW moments where DST pruned weights)."""
+        that must edit its state (e.g. zero AdamW moments where DST pruned weights), and
+        ``total_steps`` the optimizer steps the run will take (for schedules such as DST's)."""
         return StepHooks()
+
+    def read_reference_state(self, path: Path) -> dict[str, torch.Tensor] | None:
+        """Read a checkpoint file in the authors' own format when the generic reader cannot (e.g.
+        SViTE's masks in sibling dicts beside a pickled ``args``). Default None: the generic reader."""
+        return None
 
     def calibrate(self, model: nn.Module, cfg: C, loader: Any, device: torch.device) -> dict[str, float]:
         """After training, before measuring: fit what inference needs on held-out training images

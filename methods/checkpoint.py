@@ -78,17 +78,24 @@ def load_method_checkpoint(
     Raises:
         CheckpointError: unreadable, or the keys/shapes differ from the model's (listed in the message).
     """
-    state = read_state_dict(path)
     own = model.state_dict()
     problems = {}
     if layout in ("auto", "prunetune"):
-        problems["prunetune"] = key_difference(state, own)
-        if not problems["prunetune"]:
-            model.load_state_dict(state)
-            return "prunetune"
+        try:
+            state = read_state_dict(path)
+        except CheckpointError as e:
+            if layout == "prunetune":
+                raise
+            problems["prunetune"] = str(e)
+        else:
+            problems["prunetune"] = key_difference(state, own)
+            if not problems["prunetune"]:
+                model.load_state_dict(state)
+                return "prunetune"
     if layout in ("auto", "reference"):
         try:
-            converted = method.convert_reference_state(state, cfg)
+            raw = method.read_reference_state(Path(path))  # the authors' own file format, where it needs one
+            converted = method.convert_reference_state(raw if raw is not None else read_state_dict(path), cfg)
         except NotImplementedError as e:
             problems["reference"] = str(e)
         else:

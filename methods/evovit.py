@@ -378,7 +378,7 @@ class EvoViTMethod(SparsityMethod[EvoViTConfig]):
         terms["distill_loss"] = kd.detach()
         return LossOutput((1 - cfg.distill_alpha) * base + cfg.distill_alpha * kd, terms)
 
-    def hooks(self, model: nn.Module, cfg: EvoViTConfig, optimizer=None) -> StepHooks:
+    def hooks(self, model: nn.Module, cfg: EvoViTConfig, optimizer=None, total_steps=None) -> StepHooks:
         model = getattr(model, "module", model)
         return _LayerwiseHooks(model) if cfg.layerwise_epochs > 0 else StepHooks()
 

@@ -130,7 +130,7 @@ def build_run(
         warmup_t=int(train_cfg.warmup_epochs * steps), warmup_lr_init=train_cfg.min_lr, t_in_epochs=False,
     )
     run.scaler = torch.amp.GradScaler(device.type, enabled=_amp_dtype(run) == torch.float16)
-    run.hooks = method.hooks(raw, method_cfg, run.optimizer)
+    run.hooks = method.hooks(raw, method_cfg, run.optimizer, total_steps=train_cfg.epochs * steps)
     return run
 
 

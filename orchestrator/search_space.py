@@ -221,9 +221,14 @@ class SweepSpace:
         return {} if self.conditional else self.arms[0].space.tune_space()
 
     def with_pretrained(self, uri: str) -> "SweepSpace":
-        """Every arm starting from the dense weights at ``uri`` (the sweep trained them first)."""
+        """Every arm whose method starts from trained dense weights starting from those at ``uri``
+        (the sweep trained them first); methods trained from scratch keep none."""
+        from methods import get_method
+
         return SweepSpace(tuple(
-            replace(a, experiment=replace(a.experiment, model=replace(a.experiment.model, pretrained=uri))) for a in self.arms
+            replace(a, experiment=replace(a.experiment, model=replace(a.experiment.model, pretrained=uri)))
+            if get_method(a.method).needs_pretrained else a
+            for a in self.arms
         ))
 
     def define_by_run(self) -> "DefineByRun":

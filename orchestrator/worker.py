@@ -83,6 +83,8 @@ def train_fn_per_worker(config: dict[str, Any]) -> None:
     if state is not None:
         loop.restore(run, state)
     run.model = ray.train.torch.prepare_model(
-        run.raw, parallel_strategy_kwargs={"find_unused_parameters": run.method.find_unused_parameters}
+        run.raw, parallel_strategy_kwargs={
+            "find_unused_parameters": run.method.find_unused_parameters, "broadcast_buffers": run.method.broadcast_buffers,
+        },
     )
     loop.fit(run, _report)

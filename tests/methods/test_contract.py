@@ -19,13 +19,14 @@ IMAGE = (3, 32, 32)
 NUM_CLASSES = 10
 
 # Config overrides that fit the 6-block tiny backbone.
-TINY = {"dense": {}, "dynamicvit": {"pruning_loc": (1, 3, 5)}, "tome": {"r": 8}, "evovit": {"prune_location": 2}, "spvit": {"pruning_loc": (1, 3, 5)}}
+TINY = {"dense": {}, "dynamicvit": {"pruning_loc": (1, 3, 5)}, "tome": {"r": 8}, "evovit": {"prune_location": 2}, "spvit": {"pruning_loc": (1, 3, 5)}, "dvt": {}, "svite": {"token_number": 32, "total_steps": 6, "update_frequency": 2}, "s2vite": {"token_number": 32, "total_steps": 6, "update_frequency": 2, "atten_density": 0.67, "other_density": 0.5}}
 # Overrides that turn the method's sparsity off: the eval model must then compute plain timm.
-DISABLED = {"dense": {}, "dynamicvit": {"pruning_loc": (1, 3, 5), "keep_ratio": 1.0}, "tome": {"r": 0}, "evovit": {"prune_location": 2, "prune_ratio": 1.0, "eval_head": "cls"}, "spvit": {"pruning_loc": (1, 3, 5), "keep_ratios": (1.0, 1.0, 1.0)}}
-# Overrides that make the eval model sparse, for the FLOPs check (dense is the baseline itself).
-SPARSE = {"dense": {}, "dynamicvit": {"pruning_loc": (1, 3, 5), "keep_ratio": 0.7}, "tome": {"r": 8}, "evovit": {"prune_location": 2, "prune_ratio": 0.5}, "spvit": {"pruning_loc": (1, 3, 5)}}
+DISABLED = {"dense": {}, "dynamicvit": {"pruning_loc": (1, 3, 5), "keep_ratio": 1.0}, "tome": {"r": 0}, "evovit": {"prune_location": 2, "prune_ratio": 1.0, "eval_head": "cls"}, "spvit": {"pruning_loc": (1, 3, 5), "keep_ratios": (1.0, 1.0, 1.0)}, "dvt": {"feature_reuse": False, "relation_reuse": False}, "svite": {"density": 1.0}, "s2vite": {"atten_density": 1.0, "other_density": 1.0}}
+# Overrides that make the eval model sparse, for the FLOPs check (dense is the baseline itself). svite's
+# weight masks leave the dense-kernel graph's FLOPs unchanged (zeros in dense tensors), so its entry is token-sparse.
+SPARSE = {"dense": {}, "dynamicvit": {"pruning_loc": (1, 3, 5), "keep_ratio": 0.7}, "tome": {"r": 8}, "evovit": {"prune_location": 2, "prune_ratio": 0.5}, "spvit": {"pruning_loc": (1, 3, 5)}, "dvt": {"thresholds": (0.0, 0.0)}, "svite": {"token_number": 32}, "s2vite": {"atten_density": 0.67, "other_density": 0.5}}
 # Parameter names a method deliberately keeps out of the optimizer.
-FROZEN = {"dense": set(), "dynamicvit": {"vit.cls_token", "vit.pos_embed"}, "tome": set(), "evovit": set(), "spvit": {"vit.cls_token", "vit.pos_embed"}}
+FROZEN = {"dense": set(), "dynamicvit": {"vit.cls_token", "vit.pos_embed"}, "tome": set(), "evovit": set(), "spvit": {"vit.cls_token", "vit.pos_embed"}, "dvt": set(), "svite": set(), "s2vite": set()}
 # Methods that add no parameters of their own (they train the backbone only).
 PARAMETER_FREE = {"dense", "tome"}
 
