@@ -69,8 +69,8 @@ def create_backbone(cfg: BackboneConfig) -> VisionTransformer:
     return model
 
 
-def unwrap_state_dict(obj: Any) -> dict[str, torch.Tensor]:
-    """The tensor dict inside a checkpoint object, with DDP/wrapper key prefixes removed."""
+def unwrap_state_dict(obj: Any, prefixes: tuple[str, ...] = _PREFIXES) -> dict[str, torch.Tensor]:
+    """The tensor dict inside a checkpoint object, with ``prefixes`` (DDP/compile/method wrappers) removed."""
     while isinstance(obj, dict):
         inner = next((obj[k] for k in _STATE_KEYS if k in obj and isinstance(obj[k], dict)), None)
         if inner is None:
@@ -80,7 +80,7 @@ def unwrap_state_dict(obj: Any) -> dict[str, torch.Tensor]:
         raise CheckpointError("no state dict of tensors found in it")
     out = {}
     for key, value in obj.items():
-        while key.startswith(_PREFIXES):  # in any order: DDP/compile wrap each other (module._orig_mod.vit.)
+        while key.startswith(prefixes):  # in any order: DDP/compile wrap each other (module._orig_mod.vit.)
             key = key.split(".", 1)[1]
         out[key] = value
     return out

@@ -14,7 +14,7 @@ from typing import Literal
 import torch
 from torch import nn
 
-from .backbone import CheckpointError
+from .backbone import CheckpointError, unwrap_state_dict
 from .base import MethodConfig, SparsityMethod
 
 __all__ = ["load_method_checkpoint", "read_state_dict", "key_difference"]
@@ -22,7 +22,6 @@ __all__ = ["load_method_checkpoint", "read_state_dict", "key_difference"]
 _logger = logging.getLogger(__name__)
 
 Layout = Literal["auto", "prunetune", "reference"]
-_STATE_KEYS = ("model", "state_dict", "model_state_dict", "module")
 _WRAPPERS = ("module.", "_orig_mod.")  # DDP and torch.compile
 
 
@@ -36,19 +35,10 @@ def read_state_dict(path: str | Path) -> dict[str, torch.Tensor]:
         obj = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as e:  # torch.load raises many kinds on a corrupt file
         raise CheckpointError(f"checkpoint {str(path)!r} is not a readable torch file ({type(e).__name__})") from None
-    while isinstance(obj, dict):
-        inner = next((obj[k] for k in _STATE_KEYS if k in obj and isinstance(obj[k], dict)), None)
-        if inner is None:
-            break
-        obj = inner
-    if not isinstance(obj, dict) or not obj or not all(isinstance(v, torch.Tensor) for v in obj.values()):
-        raise CheckpointError(f"checkpoint {str(path)!r}: no state dict of tensors found in it")
-    out = {}
-    for key, value in obj.items():
-        while key.startswith(_WRAPPERS):
-            key = key.split(".", 1)[1]
-        out[key] = value
-    return out
+    try:
+        return unwrap_state_dict(obj, prefixes=_WRAPPERS)
+    except CheckpointError as e:
+        raise CheckpointError(f"checkpoint {str(path)!r}: {e}") from None
 
 
 def key_difference(state: dict[str, torch.Tensor], own: dict[str, torch.Tensor], limit: int = 4) -> str:

@@ -95,7 +95,7 @@ from torch import nn
 from timm.layers import Mlp, resample_abs_pos_embed, resample_patch_embed, trunc_normal_
 from timm.models.vision_transformer import Block, VisionTransformer
 
-from ._common import check_block, merge_heads, qkv_heads, sdpa, vit_head, vit_stem
+from ._common import fit_backbone, merge_heads, qkv_heads, sdpa, vit_head, vit_stem
 from .base import Geometry, LossOutput, Measurement, MethodConfig, MethodOutput, SparsityMethod, TaskLoss, register_method
 
 __all__ = [
@@ -390,10 +390,7 @@ class DVT(nn.Module):
 
     def __init__(self, vit: VisionTransformer, cfg: DVTConfig) -> None:
         super().__init__()
-        geometry = Geometry.of(vit)
-        cfg.validate_for(geometry)
-        for blk in vit.blocks:
-            check_block(blk)
+        geometry = fit_backbone(vit, cfg)
         if getattr(vit, "dynamic_img_size", False):
             raise NotImplementedError("DVT needs a fixed input size (dynamic_img_size=False)")
         if cfg.feature_reuse:

@@ -35,7 +35,7 @@ import torch.nn.functional as F
 from torch import nn
 from timm.models.vision_transformer import VisionTransformer
 
-from ._common import block_forward, check_block, gather_tokens, policy_attention, vit_head, vit_stem
+from ._common import block_forward, fit_backbone, gather_tokens, policy_attention, vit_head, vit_stem
 from .base import Geometry, LossOutput, MethodConfig, MethodOutput, SparsityMethod, TaskLoss, register_method, split_decay
 
 __all__ = ["DynamicViTConfig", "DynamicViTPredictor", "DynamicViT", "DynamicViTMethod"]
@@ -124,9 +124,7 @@ class DynamicViT(nn.Module):
 
     def __init__(self, vit: VisionTransformer, cfg: DynamicViTConfig) -> None:
         super().__init__()
-        cfg.validate_for(Geometry.of(vit))
-        for blk in vit.blocks:
-            check_block(blk)
+        fit_backbone(vit, cfg)
         self.vit = vit
         self.cfg = cfg
         self.pruning_loc = cfg.pruning_loc
@@ -189,26 +187,14 @@ class DynamicViTMethod(SparsityMethod[DynamicViTConfig]):
         ce = task_loss(out.logits, target)
         decisions = out.aux["decisions"]
         ratio = sum(((d.mean(1) - r) ** 2).mean() for d, r in zip(decisions, cfg.stage_ratios())) / len(decisions)
-        total = ce + cfg.ratio_weight * ratio
         terms = {"task_loss": ce.detach(), "ratio_loss": ratio.detach()}
-        if cfg.distill_weight > 0 or cfg.token_distill_weight > 0:
-            if teacher is None:
-                raise ValueError("DynamicViT's distillation terms need the teacher's output")
-            kl = F.kl_div(
-                F.log_softmax(out.logits.float(), dim=-1), F.log_softmax(teacher.logits.float(), dim=-1),
-                reduction="batchmean", log_target=True,
-            )
-            token_mse = _kept_token_mse(out.aux["tokens"], teacher.aux["tokens"], out.aux["final_mask"])
-            total = total + cfg.distill_weight * kl + cfg.token_distill_weight * token_mse
-            terms.update(distill_kl=kl.detach(), token_mse=token_mse.detach())
-        return LossOutput(total, terms)
+        distill, distill_terms = distillation_loss(out, teacher, cfg.distill_weight, cfg.token_distill_weight, "DynamicViT")
+        terms.update(distill_terms)
+        return LossOutput(ce + cfg.ratio_weight * ratio + distill, terms)
 
     def param_groups(self, model: nn.Module, cfg: DynamicViTConfig, lr: float, weight_decay: float) -> list[dict]:
         """Predictors at ``lr``, the backbone at ``backbone_lr_scale * lr``, cls/pos embeddings frozen."""
-        named = [(n, p) for n, p in model.named_parameters() if not n.endswith(_FROZEN)]
-        predictor = [(n, p) for n, p in named if "predictors." in n]
-        backbone = [(n, p) for n, p in named if "predictors." not in n]
-        return split_decay(predictor, lr, weight_decay) + split_decay(backbone, lr, weight_decay, cfg.backbone_lr_scale)
+        return predictor_param_groups(model, lr, weight_decay, cfg.backbone_lr_scale)
 
     def convert_reference_state(self, state: dict[str, torch.Tensor], cfg: DynamicViTConfig) -> dict[str, torch.Tensor]:
         """The authors' layout (``VisionTransformerDiffPruning``: timm/DeiT backbone keys at the top
@@ -229,6 +215,31 @@ class DynamicViTMethod(SparsityMethod[DynamicViTConfig]):
         if out is None or "decisions" not in out.aux:
             return {}
         return {f"keep_ratio_stage{k + 1}": float(d.detach().mean()) for k, d in enumerate(out.aux["decisions"])}
+
+
+def distillation_loss(
+    out: MethodOutput, teacher: MethodOutput | None, distill_weight: float, token_distill_weight: float, who: str,
+) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    """DynamicViT's (and SPViT's) distillation: ``w_d * KL(teacher || student)`` on the logits (batchmean,
+    T=1) plus ``w_t * MSE`` on the patch tokens the final decision keeps; (0, {}) when both weights are 0."""
+    if distill_weight <= 0 and token_distill_weight <= 0:
+        return out.logits.new_zeros(()), {}
+    if teacher is None:
+        raise ValueError(f"{who}'s distillation terms need the teacher's output")
+    kl = F.kl_div(
+        F.log_softmax(out.logits.float(), dim=-1), F.log_softmax(teacher.logits.float(), dim=-1),
+        reduction="batchmean", log_target=True,
+    )
+    token_mse = _kept_token_mse(out.aux["tokens"], teacher.aux["tokens"], out.aux["final_mask"])
+    return distill_weight * kl + token_distill_weight * token_mse, {"distill_kl": kl.detach(), "token_mse": token_mse.detach()}
+
+
+def predictor_param_groups(model: nn.Module, lr: float, weight_decay: float, backbone_lr_scale: float) -> list[dict]:
+    """Parameters under ``predictors.`` at ``lr``, the backbone at ``backbone_lr_scale * lr``, cls/pos embeddings frozen."""
+    named = [(n, p) for n, p in model.named_parameters() if not n.endswith(_FROZEN)]
+    predictor = [(n, p) for n, p in named if n.startswith("predictors.")]
+    backbone = [(n, p) for n, p in named if not n.startswith("predictors.")]
+    return split_decay(predictor, lr, weight_decay) + split_decay(backbone, lr, weight_decay, backbone_lr_scale)
 
 
 def _kept_token_mse(student: torch.Tensor, teacher: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:

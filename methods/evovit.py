@@ -63,7 +63,7 @@ import torch.nn.functional as F
 from torch import nn
 from timm.models.vision_transformer import Block, VisionTransformer
 
-from ._common import check_block, gather_tokens, merge_heads, qkv_heads, sdpa, vit_stem
+from ._common import fit_backbone, gather_tokens, merge_heads, qkv_heads, sdpa, vit_stem
 from .base import Geometry, LossOutput, MethodConfig, MethodOutput, SparsityMethod, StepHooks, TaskLoss, register_method
 
 __all__ = ["EvoViTConfig", "EvoViT", "EvoViTMethod"]
@@ -180,10 +180,7 @@ class EvoViT(nn.Module):
 
     def __init__(self, vit: VisionTransformer, cfg: EvoViTConfig) -> None:
         super().__init__()
-        geometry = Geometry.of(vit)
-        cfg.validate_for(geometry)
-        for blk in vit.blocks:
-            check_block(blk)
+        geometry = fit_backbone(vit, cfg)
         self.vit = vit
         self.cfg = cfg
         self.head_cls = copy.deepcopy(vit.head)

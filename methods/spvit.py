@@ -74,9 +74,9 @@ from torch import nn
 from timm.models.vision_transformer import VisionTransformer
 
 from .backbone import CheckpointError
-from ._common import block_forward, check_block, gather_tokens, policy_attention, vit_head, vit_stem
-from .base import Geometry, LossOutput, MethodConfig, MethodOutput, SparsityMethod, TaskLoss, register_method, split_decay
-from .dynamicvit import _kept_token_mse
+from ._common import block_forward, fit_backbone, gather_tokens, policy_attention, vit_head, vit_stem
+from .base import Geometry, LossOutput, MethodConfig, MethodOutput, SparsityMethod, TaskLoss, register_method
+from .dynamicvit import distillation_loss, predictor_param_groups
 from .latency import BlockLatencyTable, device_name, latency_cache_key, token_grid
 
 __all__ = [
@@ -86,7 +86,6 @@ __all__ = [
 
 _logger = logging.getLogger(__name__)
 
-_FROZEN = ("cls_token", "pos_embed")
 _EPS = 1e-6
 
 #: Latency lookup tables: grid points over the token range, and the timing of each point.
@@ -240,10 +239,7 @@ class SPViT(nn.Module):
 
     def __init__(self, vit: VisionTransformer, cfg: SPViTConfig) -> None:
         super().__init__()
-        geometry = Geometry.of(vit)
-        cfg.validate_for(geometry)
-        for blk in vit.blocks:
-            check_block(blk)
+        geometry = fit_backbone(vit, cfg)
         if getattr(vit, "global_pool", "token") != "token" or getattr(vit, "attn_pool", None) is not None:
             raise NotImplementedError(f"SPViT needs CLS-token pooling, got global_pool={vit.global_pool!r}")
         self.vit = vit
@@ -495,26 +491,14 @@ class SPViTMethod(SparsityMethod[SPViTConfig]):
         decisions = out.aux["decisions"]
         # Batch-level mean kept fraction per stage (losses_l2.py): images may keep different counts.
         ratio = sum((d.mean() - r) ** 2 for d, r in zip(decisions, cfg.keep_ratios)) / len(decisions)
-        total = ce + cfg.ratio_weight * ratio
         terms = {"task_loss": ce.detach(), "ratio_loss": ratio.detach()}
-        if cfg.distill_weight > 0 or cfg.token_distill_weight > 0:
-            if teacher is None:
-                raise ValueError("SPViT's distillation terms need the teacher's output")
-            kl = F.kl_div(
-                F.log_softmax(out.logits.float(), dim=-1), F.log_softmax(teacher.logits.float(), dim=-1),
-                reduction="batchmean", log_target=True,
-            )
-            token_mse = _kept_token_mse(out.aux["tokens"], teacher.aux["tokens"], out.aux["final_mask"])
-            total = total + cfg.distill_weight * kl + cfg.token_distill_weight * token_mse
-            terms.update(distill_kl=kl.detach(), token_mse=token_mse.detach())
-        return LossOutput(total, terms)
+        distill, distill_terms = distillation_loss(out, teacher, cfg.distill_weight, cfg.token_distill_weight, "SPViT")
+        terms.update(distill_terms)
+        return LossOutput(ce + cfg.ratio_weight * ratio + distill, terms)
 
     def param_groups(self, model: nn.Module, cfg: SPViTConfig, lr: float, weight_decay: float) -> list[dict]:
         """Selectors at ``lr``, the backbone at ``backbone_lr_scale * lr``, cls/pos embeddings frozen."""
-        named = [(n, p) for n, p in model.named_parameters() if not n.endswith(_FROZEN)]
-        predictor = [(n, p) for n, p in named if n.startswith("predictors.")]
-        backbone = [(n, p) for n, p in named if not n.startswith("predictors.")]
-        return split_decay(predictor, lr, weight_decay) + split_decay(backbone, lr, weight_decay, cfg.backbone_lr_scale)
+        return predictor_param_groups(model, lr, weight_decay, cfg.backbone_lr_scale)
 
     def stats(self, model: nn.Module, out: MethodOutput | None = None) -> dict[str, float]:
         """``keep_ratio_stage{k}`` of a training output; without one, the schedule and its predicted latency."""

@@ -54,7 +54,7 @@ import torch.nn.functional as F
 from torch import nn
 from timm.models.vision_transformer import Block, VisionTransformer
 
-from ._common import check_block, merge_heads, qkv_heads, sdpa, vit_stem
+from ._common import fit_backbone, merge_heads, qkv_heads, sdpa, vit_stem
 from .base import Geometry, MethodConfig, MethodOutput, SparsityMethod, register_method
 
 __all__ = [
@@ -265,10 +265,7 @@ class ToMeViT(nn.Module):
 
     def __init__(self, vit: VisionTransformer, cfg: ToMeConfig) -> None:
         super().__init__()
-        geometry = Geometry.of(vit)
-        cfg.validate_for(geometry)
-        for blk in vit.blocks:
-            check_block(blk)
+        geometry = fit_backbone(vit, cfg)
         self.vit = vit
         self.cfg = cfg
         self.protected = geometry.num_prefix_tokens

@@ -132,7 +132,7 @@ def _cmd_methods(args: argparse.Namespace) -> int:
 
 
 def _cmd_eval(args: argparse.Namespace) -> int:
-    from .config import ExperimentConfig, apply_overrides, experiment_from_dict, load_experiment, parse_set_args
+    from .config import apply_overrides, experiment_from_dict, load_experiment, parse_set_args
     from .data import DataError
     from .evaluate import evaluate_checkpoint
 

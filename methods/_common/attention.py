@@ -7,13 +7,16 @@ scale and drop path are timm's, so a method with sparsity switched off computes 
 """
 from __future__ import annotations
 
-from typing import Callable
+from typing import TYPE_CHECKING, Callable
 
 import torch
 import torch.nn.functional as F
 from timm.models.vision_transformer import Attention, Block
 
-__all__ = ["check_block", "qkv_heads", "merge_heads", "policy_attention", "block_forward", "sdpa"]
+if TYPE_CHECKING:
+    from ..base import Geometry
+
+__all__ = ["check_block", "fit_backbone", "qkv_heads", "merge_heads", "policy_attention", "block_forward", "sdpa"]
 
 #: exp() of a logit gap above this would overflow fp32; only the policy's gradient for keys this far
 #: above every visible one is affected (their forward weight is exactly zero either way).
@@ -26,6 +29,18 @@ def check_block(blk: Block) -> None:
         raise NotImplementedError(f"only timm's standard Block/Attention are supported, got {type(blk).__name__}")
     if getattr(blk.attn, "gate", None) is not None:
         raise NotImplementedError("gated attention is not supported")
+
+
+def fit_backbone(vit, cfg) -> "Geometry":
+    """A method model's first step: ``cfg.validate_for`` the backbone's geometry, every block checked
+    with ``check_block``; returns the geometry."""
+    from ..base import Geometry
+
+    geometry = Geometry.of(vit)
+    cfg.validate_for(geometry)
+    for blk in vit.blocks:
+        check_block(blk)
+    return geometry
 
 
 def qkv_heads(attn: Attention, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:

@@ -1,7 +1,6 @@
 """DynamicViT against the invariants of the implementation reference (methods.md section 1(g), 1(h))."""
 from __future__ import annotations
 
-import math
 
 import pytest
 import torch

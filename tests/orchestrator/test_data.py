@@ -1,7 +1,6 @@
 """Digits in ImageNet layout, the layout check, and the timm-transformed ImageFolder datasets."""
 from __future__ import annotations
 
-import shutil
 from collections import Counter
 from pathlib import Path
 

@@ -9,7 +9,6 @@ import pytest
 import torch
 
 from orchestrator import loop
-from orchestrator.config import TrainConfig
 
 CPU = torch.device("cpu")
 

@@ -211,3 +211,21 @@ def test_space_is_validated_against_the_experiment(dvit):
     shallow = dataclasses.replace(dvit, model=BackboneConfig(depth=10))
     with pytest.raises(ConfigError, match=r"inline.*'pruning_loc'.*needs more than 10 blocks"):
         parse_search_space(data, shallow, "inline")
+
+
+# Method settings that fit the quickstart's 4-block tiny ViT (the paper defaults assume 12 blocks).
+_TINY_FIT = {"dynamicvit": {"pruning_loc": [1, 2, 3]}, "spvit": {"pruning_loc": [1, 2, 3]}, "evovit": {"prune_location": 1}}
+
+
+@pytest.mark.parametrize("method", shipped_names())
+def test_every_shipped_space_fits_the_quickstart_backbone(method):
+    """Each file is sized for the tiny ViT the quickstart and tests use: every bound and choice applies."""
+    exp = experiment_from_dict({
+        "method": {"name": method, **_TINY_FIT.get(method, {})},
+        "model": {"name": "vit_tiny_patch16_224", "img_size": 32, "patch_size": 4, "depth": 4, "embed_dim": 96, "num_heads": 3, "num_classes": 10},
+    })
+    space = load_search_space(method, exp)
+    assert space.names()
+    for name in space.names():
+        if "." not in name:
+            assert name in exp.method_config.field_names()

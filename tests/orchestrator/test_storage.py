@@ -6,7 +6,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from methods import create_backbone, load_backbone_weights
+from methods import load_backbone_weights
 from orchestrator import storage
 from orchestrator.errors import UserError
 
