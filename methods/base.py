@@ -146,6 +146,8 @@ class SparsityMethod(Generic[C]):
             when none are given); False for methods trained from scratch.
         needs_calibration: the loop holds out part of the training images (``data.holdout``) and
             calls ``calibrate`` after training.
+        cost_depends_on_training: latency/GFLOPs change with training (DVT's exits), so they are
+            not measured before training for multi-objective early stopping.
         find_unused_parameters: some parameters get no gradient on some steps (e.g. early exits),
             so DDP must be told.
         broadcast_buffers: DDP re-broadcasts buffers from rank 0 every forward; False where every
@@ -157,6 +159,7 @@ class SparsityMethod(Generic[C]):
     needs_teacher: ClassVar[bool] = False
     needs_pretrained: ClassVar[bool] = True
     needs_calibration: ClassVar[bool] = False
+    cost_depends_on_training: ClassVar[bool] = False
     find_unused_parameters: ClassVar[bool] = False
     broadcast_buffers: ClassVar[bool] = True
 

@@ -37,7 +37,10 @@ class DenseViT(nn.Module):
 
 @register_method("dense")
 class DenseMethod(SparsityMethod[DenseConfig]):
+    """Trains the backbone as configured (from ``model.pretrained`` when given, else from its init)."""
+
     config_cls = DenseConfig
+    needs_pretrained = False
 
     def build_model(self, cfg: DenseConfig, base: nn.Module) -> nn.Module:
         return DenseViT(base)

@@ -644,6 +644,7 @@ class DVTMethod(SparsityMethod[DVTConfig]):
     needs_teacher = False
     needs_pretrained = True
     needs_calibration = True
+    cost_depends_on_training = True  # the exit distribution sets the cost
     find_unused_parameters = False  # training runs every exit on every image
 
     def build_model(self, cfg: DVTConfig, base: nn.Module) -> nn.Module:

@@ -86,18 +86,32 @@ def _print_outcome(outcome) -> None:
 
 
 def _cmd_pareto(args: argparse.Namespace) -> int:
-    from .tracking import Tracker, check_reachable, resolve_uri
+    from . import fronts
+    from .tracking import check_reachable, resolve_uri
 
+    def split(values: list[str] | None) -> list[str]:  # repeatable options that also take comma-separated values
+        return [v.strip() for item in values or [] for v in item.split(",") if v.strip()]
+
+    if not args.experiment and not args.sweep:
+        raise UserError("pareto needs --experiment NAME or --sweep RUN_ID (each repeatable)")
+    objectives = [fronts.parse_objective(o) for o in args.objective or []]
+    reference = fronts.parse_reference(args.reference)
     uri = resolve_uri(args.tracking_uri)
     check_reachable(uri)
     if uri.startswith("sqlite") and not Path(uri[len("sqlite:///"):]).is_file():
         raise UserError(f"tracking store {uri!r} does not exist (no sweep has been recorded there)")
-    parent, rows = Tracker(uri, args.experiment).read_front(args.sweep)
-    if args.json:
-        print(json.dumps({"experiment": args.experiment, "sweep_run_id": parent.info.run_id, "sweep": parent.info.run_name, "front": rows}, indent=2))
+    selection = fronts.read_selection(
+        uri, experiments=args.experiment or [], sweeps=args.sweep or [], method=split(args.method),
+        backbone=split(args.backbone), device=split(args.device),
+    )
+    report = fronts.compare(selection, objectives or None, budget_ms=args.budget_ms, reference=reference, experiments=args.experiment or [])
+    fmt = "json" if args.json else args.format
+    if fmt == "json":
+        print(json.dumps(fronts.to_json(report), indent=2))
+    elif fmt == "csv":
+        sys.stdout.write(fronts.report_csv(report))
     else:
-        print(f"sweep {parent.info.run_name} ({parent.info.run_id}): Pareto front ({len(rows)})")
-        print(format_front(rows))
+        print(fronts.format_table(report))
     return 0
 
 
@@ -222,11 +236,26 @@ def _parser() -> argparse.ArgumentParser:
             s.add_argument("--address", help="Ray cluster address (default: RAY_ADDRESS, else a local Ray)")
         s.set_defaults(func=func)
 
-    pa = sub.add_parser("pareto", help="print a sweep's Pareto front from MLflow")
-    pa.add_argument("--experiment", required=True, help="MLflow experiment name")
+    pa = sub.add_parser(
+        "pareto", help="the Pareto front of one or several sweeps from MLflow, each sweep's hypervolume, a latency budget's best run",
+        description="The combined Pareto front of the sweeps of --experiment (all their sweeps) or of the --sweep runs, "
+        "with each sweep's hypervolume against one reference point. Runs that did not finish with every objective "
+        "measured are ignored (with a warning).",
+    )
+    pa.add_argument("--experiment", action="append", metavar="NAME", help="MLflow experiment: all its sweeps; repeatable")
+    pa.add_argument("--sweep", action="append", metavar="RUN_ID", help="a sweep (parent) run id; repeatable; only these sweeps are compared")
     pa.add_argument("--tracking-uri", help="MLflow tracking URI (default: MLflow's default)")
-    pa.add_argument("--sweep", help="sweep (parent) run id; default: the latest sweep")
-    pa.add_argument("--json", action="store_true", help="machine-readable output")
+    pa.add_argument("--method", action="append", help="keep runs of this method only (tag method; repeatable or comma-separated)")
+    pa.add_argument("--backbone", action="append", help="keep runs of this backbone only (tag backbone)")
+    pa.add_argument("--device", action="append", help="keep runs whose device tag is this (runs without one are left out: trials do not record a device yet)")
+    pa.add_argument("--objective", action="append", metavar="METRIC:MODE",
+                    help="an objective of the front, e.g. val_top1:max; repeatable (default: the sweeps' recorded objectives, else val_top1:max latency_ms:min)")
+    pa.add_argument("--reference", action="append", metavar="METRIC=VALUE",
+                    help="hypervolume reference value of an objective (default: chance accuracy, the dense model's cost)")
+    pa.add_argument("--budget-ms", type=float, metavar="X", help="also answer: the most accurate finished run with latency_ms <= X")
+    pa.add_argument("--format", choices=["table", "json", "csv"], default="table",
+                    help="output (csv: the front's runs, or with --budget-ms the one answering run)")
+    pa.add_argument("--json", action="store_true", help="same as --format json")
     pa.set_defaults(func=_cmd_pareto)
 
     q = sub.add_parser("quickstart", help="digits + dense tiny ViT + a DynamicViT and ToMe sweep, all in one folder")

@@ -134,7 +134,8 @@ class Objective:
 
 @dataclass(frozen=True)
 class AshaConfig:
-    """ASHA early stopping on the first objective, with ``epoch`` as time."""
+    """Successive-halving early stopping with ``epoch`` as time: ASHA for one objective, MO-ASHA
+    (non-dominated sorting at each rung, ``orchestrator.schedulers``) for several."""
 
     grace_period: int = 1
     reduction_factor: int = 2

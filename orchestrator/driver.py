@@ -126,6 +126,7 @@ def run_trial(config: dict[str, Any]) -> None:
     run_id = tracker.find_trial_run(parent, trial_id)
     if run_id:  # a trial restarted by Ray, or resumed with its sweep: same run, same checkpoints
         tracker.reopen(run_id)
+        backfill_history(tracker, run_id, storage.join(config["storage_path"], f"trial_{trial_id}"))
     else:
         run_id = tracker.start_run(
             name=f"trial_{trial_id}",
@@ -146,6 +147,24 @@ def run_trial(config: dict[str, Any]) -> None:
             callbacks=[TuneReportCallback(), MlflowReportCallback(tracker, run_id)],
         )
         trainer.fit()
+
+
+def backfill_history(tracker: Tracker, run_id: str, train_dir: str) -> list[int]:
+    """Log the metrics of epochs whose checkpoint Ray Train committed but whose report never reached
+    MLflow (the sweep was interrupted or killed between the two), from the checkpoints themselves,
+    so a resumed trial's history has no hole. Returns the epochs it filled in."""
+    logged = tracker.logged_steps(run_id, "val_top1")
+    filled = []
+    for name in storage.list_dirs(train_dir):
+        if not name.startswith("checkpoint_epoch_") or int(name.rsplit("_", 1)[1]) in logged:
+            continue
+        state = worker.load_state(storage.fetch(storage.join(train_dir, name, worker.STATE_FILE)))
+        epoch = int(state.get("epoch", name.rsplit("_", 1)[1]))
+        tracker.log_metrics(run_id, state.get("metrics", {}), step=epoch)
+        filled.append(epoch)
+    if filled:
+        _logger.info("run %s: epochs %s recorded from their checkpoints (their reports never reached MLflow)", run_id, filled)
+    return filled
 
 
 def _local_device() -> torch.device:

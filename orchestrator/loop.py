@@ -265,10 +265,11 @@ def fit(run: Run, report: Report) -> dict[str, float]:
     """
     metrics: dict[str, float] = {}
     total = run.train_cfg.epochs
+    cost = early_cost(run) if run.epoch < total else {}
     while run.epoch < total:
         train = train_one_epoch(run)
         run.hooks.on_epoch_end(run.epoch)
-        metrics = {"epoch": run.epoch, **train, **evaluate(run)}
+        metrics = {"epoch": run.epoch, **train, **evaluate(run), **cost}
         run.epoch += 1
         if run.rank == 0:
             _logger.info(
@@ -292,6 +293,22 @@ def fit(run: Run, report: Report) -> dict[str, float]:
             final.update(run.method.stats(run.raw))
         report(final, None)
     return final
+
+
+def early_cost(run: Run) -> dict[str, float]:
+    """The cost objectives measured once before training, for multi-objective early stopping (MO-ASHA
+    ranks trials at each rung on accuracy *and* cost, so every epoch's report carries the cost).
+
+    A model's latency, throughput and GFLOPs do not depend on its weights, except where the method's
+    cost does depend on training (``cost_depends_on_training``: DVT's exit distribution), which then
+    has no early figure. Only rank 0 measures (only its reports reach Tune); the final measurement
+    after training is taken as always.
+    """
+    sweep = run.exp.sweep
+    if run.stage != "trial" or run.rank != 0 or sweep.asha is None or len(sweep.objectives) < 2 or run.method.cost_depends_on_training:
+        return {}
+    measured = run.method.measure(run.raw, run.dense, run.method_cfg, None, run.image_shape, run.device, run.exp.measure).metrics
+    return {o.metric: measured[o.metric] for o in sweep.objectives if o.metric in measured and not o.metric.startswith("val_")}
 
 
 #: A trial's measurement tables travel to the tracker inside its final metrics, as JSON under this key.

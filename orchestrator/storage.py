@@ -14,7 +14,7 @@ from urllib.parse import urlparse
 
 from .errors import UserError
 
-__all__ = ["is_s3", "fetch", "upload", "join"]
+__all__ = ["is_s3", "fetch", "upload", "join", "exists", "list_dirs"]
 
 _logger = logging.getLogger(__name__)
 _CACHE = Path(os.environ.get("PRUNETUNE_CACHE", Path(tempfile.gettempdir()) / "prunetune-cache"))
@@ -102,6 +102,23 @@ def exists(uri: str) -> bool:
     except ClientError:
         return False
     return True
+
+
+def list_dirs(uri: str) -> list[str]:
+    """Names of the folders directly under a local path or an ``s3://`` prefix (empty if there is none)."""
+    if not is_s3(uri):
+        path = Path(uri)
+        return sorted(p.name for p in path.iterdir() if p.is_dir()) if path.is_dir() else []
+    from botocore.exceptions import BotoCoreError, ClientError
+
+    bucket, key = _split(uri.rstrip("/") + "/")
+    names: list[str] = []
+    try:
+        for page in _client().get_paginator("list_objects_v2").paginate(Bucket=bucket, Prefix=key, Delimiter="/"):
+            names += [p["Prefix"][len(key):].rstrip("/") for p in page.get("CommonPrefixes", [])]
+    except (BotoCoreError, ClientError) as e:
+        raise UserError(f"cannot list {uri!r}: {_short(e)}") from None
+    return sorted(names)
 
 
 def _short(e: Exception) -> str:

@@ -10,12 +10,11 @@ import json
 import logging
 import os
 import time
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, replace
 from typing import Any
 
 import ray
 from ray import tune
-from ray.tune.schedulers import ASHAScheduler
 from ray.tune.search.optuna import OptunaSearch
 
 from methods import CheckpointError, create_backbone, get_method, load_backbone_weights
@@ -25,10 +24,12 @@ from .config import ExperimentConfig, SweepConfig, to_flat_dict
 from .data import check_image_folder
 from .errors import UserError
 from .errors import ConfigError
+from .pareto import hypervolume
+from .schedulers import MultiObjectiveASHA, RecordingASHA, ledger as _ledger, trial_epochs
 from .search_space import SweepSpace
 from .tracking import (
-    INTERRUPTED_TAG, OBJECTIVES_TAG, ROLE_TAG, SEARCHED_TAG, STOPPED_EARLY_TAG, SWEEP_TAG, Tracker, check_reachable,
-    param_value, redact, resolve_uri,
+    HYPERVOLUME_METRIC, INTERRUPTED_TAG, OBJECTIVES_TAG, ROLE_TAG, SEARCHED_TAG, STOPPED_EARLY_TAG, SWEEP_TAG, Tracker,
+    check_reachable, param_value, redact, resolve_uri,
 )
 
 __all__ = ["run_sweep", "SweepOutcome", "init_ray"]
@@ -97,54 +98,23 @@ def _searcher(exp: ExperimentConfig, space: SweepSpace) -> OptunaSearch:
     )
 
 
-@dataclass
-class _Ledger:
-    """What the sweep's driver learns about its trials while Tune runs them.
-
-    Kept per sweep name in this process rather than on the scheduler and callback: a resumed sweep
-    runs Tune's own unpickled copies of those, and they must still report here.
-    """
-
-    stopped: set[str] = field(default_factory=set)  # trials ASHA stopped early
-    errored: set[str] = field(default_factory=set)  # trials Tune reports failed (and ASHA did not stop)
+_RecordingASHA = RecordingASHA  # its old name here (the ledger and the schedulers live in orchestrator.schedulers)
 
 
-_LEDGERS: dict[str, _Ledger] = {}
-
-
-def _ledger(sweep: str) -> _Ledger:
-    return _LEDGERS.setdefault(sweep, _Ledger())
-
-
-class _RecordingASHA(ASHAScheduler):
-    """ASHA that records which trials it stopped in the sweep's ledger.
-
-    Tune's stop can reach a trial's driver as an exception, and Tune then reports the trial as
-    errored; the scheduler's own decision is the only reliable record that it was stopped early.
-    """
-
-    def __init__(self, sweep: str, **kwargs) -> None:
-        super().__init__(**kwargs)
-        self.sweep = sweep
-
-    @property
-    def stopped(self) -> set[str]:
-        return _ledger(self.sweep).stopped
-
-    def on_trial_result(self, tune_controller, trial, result):
-        action = super().on_trial_result(tune_controller, trial, result)
-        if action == self.STOP:
-            self.stopped.add(trial.trial_id)
-        return action
-
-
-def _scheduler(exp: ExperimentConfig, sweep: str, max_epochs: int) -> _RecordingASHA | None:
+def _scheduler(exp: ExperimentConfig, sweep: str, max_epochs: int) -> RecordingASHA | MultiObjectiveASHA | None:
+    """ASHA on the objective when there is one, MO-ASHA when there are several; None without ``sweep.asha``."""
     asha = exp.sweep.asha
     if asha is None:
         return None
-    first = exp.sweep.objectives[0]
-    return _RecordingASHA(
-        sweep, time_attr="epoch", metric=first.metric, mode=first.mode, max_t=max(1, max_epochs),
+    max_t = max(1, max_epochs, asha.grace_period)
+    objectives = [(o.metric, o.mode) for o in exp.sweep.objectives]
+    if len(objectives) > 1:
+        return MultiObjectiveASHA(
+            sweep, objectives, time_attr="epoch", max_t=max_t, grace_period=asha.grace_period, reduction_factor=asha.reduction_factor,
+        )
+    (metric, mode), = objectives
+    return RecordingASHA(
+        sweep, time_attr="epoch", metric=metric, mode=mode, max_t=max_t,
         grace_period=asha.grace_period, reduction_factor=asha.reduction_factor,
     )
 
@@ -156,19 +126,30 @@ def _trial_method(trial) -> str:
 
 class _Progress(tune.Callback):
     """One log line per trial epoch and per finished trial, so long sweeps show where they are;
-    failed trials go to the sweep's ledger."""
+    failed trials go to the sweep's ledger; after every finished trial, the hypervolume of the
+    finished trials' front goes to the sweep's parent run (metric ``hypervolume``, step = the
+    number of trials finished), so search efficiency is a curve in MLflow."""
 
-    def __init__(self, total_epochs: dict[str, int], sweep: str) -> None:
+    def __init__(
+        self, total_epochs: dict[str, int], sweep: str, objectives: list[tuple[str, str]] | None = None,
+        tracker: Tracker | None = None, parent: str | None = None, reference: dict[str, float] | None = None,
+    ) -> None:
         self.total_epochs = total_epochs  # per method
         self.sweep = sweep
+        self.objectives = objectives or []
+        self.tracker = tracker
+        self.parent = parent
+        self.reference = dict(reference or {})  # completed from finished trials' dense_* when the sweep had no reference run
+        self.epochs: dict[str, int | None] = {}  # per trial
 
     def on_trial_result(self, iteration, trials, trial, result, **info):
-        if "latency_ms" in result:
+        if "latency_ms" in result and "train_loss" not in result:  # the final report (an epoch's may carry a latency too, for MO-ASHA)
+            nan = float("nan")
             _logger.info(
                 "trial %s (%s) measured: val_top1 %.2f%%, latency %.3f ms (dense %.3f, speedup %.2fx), "
                 "throughput %.0f img/s (%.2fx dense), %.4f GFLOPs",
-                trial.trial_id, _trial_method(trial), result["val_top1"], result["latency_ms"], result["dense_latency_ms"], result["speedup"],
-                result["throughput_ips"], result.get("throughput_ratio", float("nan")), result["gflops"],
+                trial.trial_id, _trial_method(trial), result.get("val_top1", nan), result["latency_ms"], result.get("dense_latency_ms", nan),
+                result.get("speedup", nan), result.get("throughput_ips", nan), result.get("throughput_ratio", nan), result.get("gflops", nan),
             )
         elif "val_top1" in result:
             _logger.info(
@@ -176,6 +157,45 @@ class _Progress(tune.Callback):
                 trial.trial_id, int(result.get("epoch", 0)) + 1, self.total_epochs.get(_trial_method(trial), 0), result["val_top1"],
                 result.get("train_loss", float("nan")),
             )
+
+    def on_trial_complete(self, iteration, trials, trial, **info):
+        if not getattr(self, "objectives", None) or self.tracker is None:
+            return
+        try:
+            self._log_hypervolume(trials, trial)
+        except Exception as e:  # the curve is a record, never a reason to fail the sweep
+            _logger.warning("sweep %s: hypervolume not logged after trial %s (%s: %s)", self.sweep, trial.trial_id, type(e).__name__, e)
+
+    def _finished(self, trials, current) -> dict[str, dict]:
+        """The final results of the trials that finished, by trial id: trained to their last epoch and
+        not stopped by the scheduler (Tune calls ``on_trial_complete`` for stopped trials too)."""
+        stopped = _ledger(self.sweep).stopped
+        out = {}
+        for t in trials:
+            if t.trial_id in stopped or (t is not current and t.status != "TERMINATED"):
+                continue
+            result = t.last_result or {}
+            if t.trial_id not in self.epochs:
+                self.epochs[t.trial_id] = trial_epochs(t)
+            total, epoch = self.epochs[t.trial_id], result.get("epoch")
+            if total is not None and isinstance(epoch, (int, float)) and epoch + 1 >= total:
+                out[t.trial_id] = result
+        return out
+
+    def _log_hypervolume(self, trials, current) -> None:
+        by_trial = self._finished(trials, current)
+        if current.trial_id not in by_trial:
+            return  # a stopped trial adds no point, and no step
+        finished = list(by_trial.values())
+        if len(self.reference) < len(self.objectives):
+            self.reference = self.tracker.hv_reference(self.parent, self.objectives, trials=finished)
+            if len(self.reference) < len(self.objectives):
+                missing = [m for m, _ in self.objectives if m not in self.reference]
+                _logger.info("sweep %s: no hypervolume yet: no reference value for %s", self.sweep, ", ".join(missing))
+                return
+        value = hypervolume(finished, self.objectives, self.reference)
+        self.tracker.log_metrics(self.parent, {HYPERVOLUME_METRIC: value}, step=len(finished))
+        _logger.info("sweep %s: hypervolume %.6g after %d finished trials", self.sweep, value, len(finished))
 
     def on_trial_error(self, iteration, trials, trial, **info):
         ledger = _ledger(self.sweep)
@@ -252,6 +272,7 @@ def run_sweep(
     _logger.info("sweep %s%s: MLflow run %s in experiment %r at %s", name, " (resumed)" if resume else "", parent, exp.tracking.experiment, redact(uri))
     if exp.model.pretrained:  # without trained weights a dense accuracy would mean nothing
         driver.measure_reference(exp, tracker, parent)
+    reference = tracker.hv_reference(parent, objectives)  # chance accuracy, the dense model's cost; recorded on the parent
     param_space: dict[str, Any] = {
         "space": space, _PARAMS: space.tune_space(), "parent_run_id": parent,
         "tracking_uri": uri, "sweep_name": name, "storage_path": sweep_storage,
@@ -273,7 +294,7 @@ def run_sweep(
             run_config=tune.RunConfig(
                 name=name, storage_path=exp.storage_path,
                 failure_config=tune.FailureConfig(max_failures=exp.sweep.max_failures),
-                callbacks=[_Progress(epochs, name)],
+                callbacks=[_Progress(epochs, name, objectives, tracker, parent, reference)],
             ),
         )
     ledger = _ledger(name)  # _Progress keeps trials ASHA stopped out of ``errored``, however their driver ended

@@ -20,10 +20,11 @@ from typing import Any, Iterable, Iterator, Sequence
 from urllib.parse import urlparse
 
 from .errors import TrackingError
-from .pareto import pareto_mask
+from .pareto import hypervolume, pareto_mask, reference_point
 
 __all__ = [
     "resolve_uri", "redact", "check_reachable", "Tracker", "ROLE_TAG", "TRIAL_TAG", "PARETO_TAG", "REFERENCE_ROLE",
+    "HV_REFERENCE_TAG", "HYPERVOLUME_METRIC",
 ]
 
 _logger = logging.getLogger(__name__)
@@ -38,6 +39,8 @@ PARENT_TAG = "mlflow.parentRunId"
 PARETO_TAG = "pareto"
 STOPPED_EARLY_TAG = "prunetune.stopped_early"  # a trial ASHA stopped
 INTERRUPTED_TAG = "prunetune.interrupted"  # a sweep, or a trial, cut short by an interrupt
+HV_REFERENCE_TAG = "prunetune.hv_reference"  # a sweep's hypervolume reference point, JSON {metric: value}
+HYPERVOLUME_METRIC = "hypervolume"  # a sweep's front's hypervolume, step = trials finished so far
 _CREDENTIALS = re.compile(r"(://[^/:@\s]*:)[^@/\s]+@")  # the user may be empty: redis://:pw@host
 _SECRET_KEYS = re.compile(r"(password|secret|credential|access_key|api_key|auth_token)", re.IGNORECASE)
 _MAX_PARAM_LEN = 6000
@@ -204,6 +207,10 @@ class Tracker:
             if len(columns) >= 2:
                 self.client.log_figure(run_id, _table_figure(name, rows, columns[0], columns[1]), f"{name}.png")
 
+    def logged_steps(self, run_id: str, key: str) -> set[int]:
+        """The steps at which ``key`` was logged on ``run_id``."""
+        return {m.step for m in self.client.get_metric_history(run_id, key)}
+
     def set_tags(self, run_id: str, tags: dict[str, Any]) -> None:
         from mlflow.entities import RunTag
 
@@ -223,24 +230,44 @@ class Tracker:
         self.end_run(run_id, "FINISHED")
 
     def children(self, parent_id: str) -> list:
-        runs, token = [], None
+        return self.search_runs(f"tags.`{PARENT_TAG}` = '{parent_id}'", [self.experiment_id()])
+
+    def search_runs(self, filter_string: str = "", experiment_ids: Sequence[str] | None = None, order_by: list[str] | None = None) -> list:
+        """Every run matching ``filter_string`` in ``experiment_ids`` (default: this experiment), read
+        in pages of 1000 (one query per page, never one per run)."""
+        ids = list(experiment_ids) if experiment_ids is not None else [self.experiment_id(create=False)]
+        if not ids:
+            return []
+        client, runs, token = self.client, [], None
         while True:
-            page = self.client.search_runs(
-                [self.experiment_id()], filter_string=f"tags.`{PARENT_TAG}` = '{parent_id}'",
-                max_results=1000, page_token=token,
-            )
+            page = client.search_runs(ids, filter_string=filter_string, max_results=1000, order_by=order_by, page_token=token)
             runs.extend(page)
             token = page.token
             if not token:
                 return runs
 
+    def experiment_name(self, experiment_id: str) -> str:
+        return self.client.get_experiment(experiment_id).name
+
+    def get_run(self, run_id: str):
+        """One run by id (a TrackingError, in one line, if there is none)."""
+        from mlflow.exceptions import MlflowException
+
+        try:
+            return self.client.get_run(run_id)
+        except MlflowException as e:
+            what = "not found" if e.error_code == "RESOURCE_DOES_NOT_EXIST" else f"could not be read ({e.error_code})"
+            raise TrackingError(f"run {run_id!r} {what} in tracking store {redact(self.uri)!r}") from None
+
     # ---- the Pareto front ---------------------------------------------------------------------------
 
     def finalize_sweep(
         self, parent_id: str, objectives: Sequence[tuple[str, str]], status: str = "FINISHED",
-        errored: set[str] | None = None, stopped: set[str] | None = None,
+        errored: set[str] | None = None, stopped: set[str] | None = None, reference: dict[str, float] | None = None,
     ) -> list[dict]:
-        """Tag every trial ``pareto`` true/false, attach the front (table + plot) to the parent, end it.
+        """Tag every trial ``pareto`` true/false, attach the front (table + plot) to the parent, log
+        the front's ``hypervolume`` (step = trials finished; reference: ``reference``, else
+        ``hv_reference``), end it.
 
         Trials that did not finish are ended by what the sweep knows of them, whatever their driver
         managed to record: stopped by the scheduler (``stopped``) -> KILLED, tagged
@@ -268,8 +295,39 @@ class Tracker:
         if best:
             summary["best_val_top1"] = max(best)
         self.log_metrics(parent_id, summary)
+        reference = dict(reference) if reference else self.hv_reference(parent_id, objectives, children=children)
+        if len(reference) == len(objectives):  # the front's hypervolume: the last point of the sweep's curve
+            value = hypervolume([r.data.metrics for r, on in zip(runs, mask) if on], objectives, reference)
+            self.log_metrics(parent_id, {HYPERVOLUME_METRIC: value}, step=summary["trials_finished"])
         self.end_run(parent_id, status)
         return rows
+
+    def hv_reference(
+        self, parent_id: str, objectives: Sequence[tuple[str, str]], trials: Sequence[dict] = (), children: list | None = None,
+    ) -> dict[str, float]:
+        """The sweep's hypervolume reference point (``orchestrator.pareto.reference_point``), recorded
+        on its parent run (tag ``prunetune.hv_reference``) once every objective has a value.
+
+        The recorded point wins, so a sweep's curve keeps one reference; else chance accuracy from the
+        parent's ``model.num_classes`` and the dense model's cost from the sweep's reference run,
+        or from what finished trials recorded (``dense_latency_ms``, ...: the children's and
+        ``trials``, final results not yet in MLflow). Objectives without a value are left out.
+        """
+        parent = self.client.get_run(parent_id)
+        recorded = _json_dict(parent.data.tags.get(HV_REFERENCE_TAG))
+        metrics = [m for m, _ in objectives]
+        if all(m in recorded for m in metrics):
+            return {m: float(recorded[m]) for m in metrics}
+        children = self.children(parent_id) if children is None else children
+        finished = [r for r in children if r.info.status == "FINISHED"]
+        ref_run = next((r.data.metrics for r in finished if r.data.tags.get(ROLE_TAG) == REFERENCE_ROLE), None)
+        point = reference_point(
+            objectives, recorded=recorded, num_classes=parent.data.params.get("model.num_classes"), reference_run=ref_run,
+            trials=[r.data.metrics for r in finished if r.data.tags.get(ROLE_TAG) == "trial"] + list(trials),
+        )
+        if len(point) == len(objectives):
+            self.set_tags(parent_id, {HV_REFERENCE_TAG: json.dumps(point, sort_keys=True)})
+        return point
 
     def _end_unfinished_trial(self, run, errored: set[str], stopped: set[str]) -> None:
         trial_id, run_id = run.data.tags.get(TRIAL_TAG), run.info.run_id
@@ -318,16 +376,25 @@ class Tracker:
         return parent, rows
 
 
+def _json_dict(text: str | None) -> dict:
+    try:
+        value = json.loads(text) if text else {}
+    except ValueError:
+        return {}
+    return value if isinstance(value, dict) else {}
+
+
 _FINAL_METRICS = (
     "val_top1", "val_top5", "latency_ms", "throughput_ips", "dense_latency_ms", "dense_throughput_ips",
     "speedup", "throughput_ratio", "gflops", "dense_gflops",
 )
 
 
-def _row(run, searched: list[str]) -> dict:
+def _row(run, searched: list[str], all_metrics: bool = False) -> dict:
+    """A run as a plain dict: its searched params and its final metrics (every metric's latest value with ``all_metrics``)."""
     own = run.data.tags.get(SEARCHED_TAG)  # a trial of a multi-method sweep: its own method's parameters
     params = {k: run.data.params[k] for k in (own.split(",") if own else searched) if k in run.data.params}
-    metrics = {k: run.data.metrics[k] for k in _FINAL_METRICS if k in run.data.metrics}
+    metrics = dict(run.data.metrics) if all_metrics else {k: run.data.metrics[k] for k in _FINAL_METRICS if k in run.data.metrics}
     return {
         "run_id": run.info.run_id, "run_name": run.info.run_name, "status": run.info.status,
         "method": run.data.tags.get("method", ""), "role": run.data.tags.get(ROLE_TAG, ""), "params": params, "metrics": metrics,

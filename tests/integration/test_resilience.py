@@ -2,6 +2,7 @@
 early-stopped trials are recorded as such and kept off the Pareto front."""
 from __future__ import annotations
 
+import os
 import signal
 import sqlite3
 import subprocess
@@ -55,6 +56,31 @@ def _committed_checkpoint(tmp_path: Path) -> str:
     return row[0] if row else ""
 
 
+def _kill_own_train_workers(root_pid: int) -> bool:
+    """SIGKILL the Ray Train workers of the sweep this test started: its own local Ray runs under the
+    CLI process, so they are found among that process's descendants, never by a machine-wide pattern."""
+    parents: dict[int, int] = {}
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            fields = stat.read_text().rsplit(")", 1)[1].split()
+        except OSError:  # the process ended meanwhile
+            continue
+        parents[int(stat.parent.name)] = int(fields[1])
+    descendants, frontier = set(), {root_pid}
+    while frontier:
+        frontier = {pid for pid, ppid in parents.items() if ppid in frontier} - descendants
+        descendants |= frontier
+    killed = False
+    for pid in descendants:
+        try:
+            if b"ray::RayTrainWorker" in Path(f"/proc/{pid}/cmdline").read_bytes():
+                os.kill(pid, signal.SIGKILL)
+                killed = True
+        except (OSError, ProcessLookupError):
+            continue
+    return killed
+
+
 def test_killed_worker_resumes_from_latest_checkpoint(tmp_path, digits_dir):
     config = _dense_config(tmp_path, digits_dir, num_samples=1)
     out_log, err_log = open(tmp_path / "out.log", "w"), open(tmp_path / "err.log", "w")  # files: pipes could fill and block it
@@ -69,7 +95,7 @@ def test_killed_worker_resumes_from_latest_checkpoint(tmp_path, digits_dir):
     while not _committed_checkpoint(tmp_path).endswith("checkpoint_epoch_0000"):
         assert proc.poll() is None and time.time() < deadline, (tmp_path / "err.log").read_text()[-3000:]
         time.sleep(0.2)
-    killed = subprocess.run(["pkill", "-9", "-f", "ray::RayTrainWorker"], check=False).returncode == 0
+    killed = _kill_own_train_workers(proc.pid)
     proc.wait(timeout=600)
     err = (tmp_path / "err.log").read_text()
     assert proc.returncode == 0, err[-5000:]
@@ -135,8 +161,9 @@ def test_ctrl_c_ends_the_sweep_killed_and_resume_finishes_it(tmp_path, digits_di
 def test_asha_stops_trials_early_and_keeps_them_off_the_front(tmp_path, digits_dir, run_cli):
     # The second trial's learning rate is 20x too small: at the first rung it is below the median.
     points = [{"train.lr": 2e-3, "train.weight_decay": 0.05}, {"train.lr": 1e-4, "train.weight_decay": 0.05}]
+    # One objective: plain ASHA on accuracy (two objectives would run MO-ASHA, see test_schedulers.py).
     config = _dense_config(tmp_path, digits_dir, num_samples=4, seed=0, points_to_evaluate=points,
-                           asha={"grace_period": 1, "reduction_factor": 2})
+                           asha={"grace_period": 1, "reduction_factor": 2}, objectives=[{"metric": "val_top1", "mode": "max"}])
     proc = run_cli("sweep", str(config), cwd=tmp_path)
     assert proc.returncode == 0, proc.stderr[-5000:]
     client, trials = _trials(tmp_path)

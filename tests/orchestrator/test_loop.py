@@ -160,3 +160,24 @@ def test_non_finite_loss_stops_the_run(exp):
         loop.fit(run, report)
     assert report.calls == []
     assert isinstance(loop.NonFiniteLossError("x"), FloatingPointError)
+
+
+def test_mo_asha_trials_report_their_cost_with_every_epoch(exp, pretrained):
+    """With early stopping over accuracy and latency, each epoch's report carries the latency measured
+    before training (MO-ASHA ranks rungs on both); without it, epochs carry no cost metric."""
+    import dataclasses
+
+    from orchestrator.config import AshaConfig, Objective
+
+    sweep = dataclasses.replace(exp.sweep, asha=AshaConfig(), objectives=(Objective("val_top1", "max"), Objective("gflops", "min")))
+    mo = dataclasses.replace(exp, sweep=sweep, train=dataclasses.replace(exp.train, epochs=2))
+    for config, carries in ((mo, True), (dataclasses.replace(mo, sweep=dataclasses.replace(sweep, asha=None)), False)):
+        run = loop.build_run(config, "trial", CPU, pretrained_path=str(pretrained["path"]))
+        reports = []
+        final = loop.fit(run, lambda m, state: reports.append(m))
+        epochs = [r for r in reports if "train_loss" in r]
+        assert len(epochs) == 2
+        assert all(("gflops" in r) == carries for r in epochs)
+        assert all("latency_ms" not in r for r in epochs)  # only the objectives' costs
+        if carries:  # the model's GFLOPs do not depend on its weights: before training = after
+            assert epochs[0]["gflops"] == pytest.approx(final["gflops"], rel=1e-9)
