@@ -83,6 +83,7 @@ from __future__ import annotations
 
 import copy
 import math
+from pathlib import Path
 import statistics
 import time
 from contextlib import nullcontext
@@ -114,6 +115,7 @@ __all__ = [
 
 #: The reference's threshold sweep: q = p / 20 for p = 1..59 (``inference.py``).
 Q_GRID: tuple[float, ...] = tuple(p / 20 for p in range(1, 60))
+_PUBLISHED_THRESHOLDS = "__dynamic_threshold__"  # a released checkpoint's table, on its way to the buffer
 _POLICIES = ("geometric", "fixed")
 #: The reference checkpoint's sub-model names, exit by exit (``DVT_Deit_small_model``).
 _REFERENCE_EXITS = ("less_less_token", "less_token", "normal_token")
@@ -791,8 +793,11 @@ class DVTMethod(SparsityMethod[DVTConfig]):
         ``<exit>.relation_reuse_conv.{0,2}`` -> ``reuse.exit{k}.relations.{0,2}``. Keys the map does not
         know pass through unchanged (so they show up as unexpected). ``normal_token``'s last block's
         ``feature_resuse_mlp`` is dropped: it only feeds patch tokens the head never reads, so this
-        model does not have it. The threshold buffers are not in
-        the reference's state dict: they are filled uncalibrated (``+inf``) for ``calibrate`` to fit.
+        model does not have it. A released file's ``dynamic_threshold`` (one row of thresholds per q,
+        read by ``read_reference_state``) becomes ``threshold_table``, so the accuracy-against-budget
+        curve uses the authors' thresholds; the thresholds in force stay ``+inf`` (every sample to the
+        last exit) until ``calibrate`` picks a row for this config's budget on held-out images, since
+        choosing one needs the exit shares the file does not hold.
         """
         num_exits = len(cfg.grids) or 3
         if num_exits != len(_REFERENCE_EXITS):
@@ -816,5 +821,28 @@ class DVTMethod(SparsityMethod[DVTConfig]):
                 out[f"reuse.exit{k + 1}.features.{parts[1]}." + ".".join(parts[3:])] = value
             else:
                 out[f"exits.{k}." + rest] = value
-        out.update(_initial_buffers(cfg, num_exits))
+        buffers = _initial_buffers(cfg, num_exits)
+        published = out.pop(_PUBLISHED_THRESHOLDS, None)
+        if published is not None:  # the authors' per-q thresholds (their inference.py), one row per q of Q_GRID
+            if tuple(published.shape) != tuple(buffers["threshold_table"].shape):
+                raise ValueError(f"dynamic_threshold has shape {tuple(published.shape)}, expected {tuple(buffers['threshold_table'].shape)}")
+            table = published.float().clone()
+            table[:, -1] = -math.inf  # the reference's -1e8: the last exit takes everyone
+            buffers["threshold_table"] = table
+            buffers["calibrated"] = torch.ones((), dtype=torch.bool)
+        out.update(buffers)
         return out
+
+    def read_reference_state(self, path: Path) -> dict[str, torch.Tensor] | None:
+        """A released DVT checkpoint: ``model_state_dict`` plus its ``dynamic_threshold`` table (kept
+        under a private key for ``convert_reference_state``); None for any other file."""
+        try:
+            obj = torch.load(path, map_location="cpu", weights_only=True)
+        except Exception:
+            return None
+        if not isinstance(obj, dict) or not isinstance(obj.get("model_state_dict"), dict):
+            return None
+        state = {k.removeprefix("module."): v for k, v in obj["model_state_dict"].items()}
+        if isinstance(obj.get("dynamic_threshold"), torch.Tensor):
+            state[_PUBLISHED_THRESHOLDS] = obj["dynamic_threshold"]
+        return state

@@ -469,15 +469,19 @@ def test_reference_layout_loads_and_gives_identical_logits(make_tiny_vit, rng, t
     ref = _reference_layout(source)
     assert "less_token.relation_reuse_conv.0.weight" in ref and "normal_token.blocks.0.feature_resuse_mlp.1.fc1.weight" in ref
     path = tmp_path / "dvt_deit.pth"
+    published = torch.rand(59, 3, generator=torch.Generator().manual_seed(3))
+    published[:, -1] = -1e8  # the reference's last threshold
     torch.save({"model_state_dict": {"module." + k: v for k, v in ref.items()}, "flops": torch.tensor([1.0, 2.0, 3.0]),
-                "dynamic_threshold": torch.zeros(59, 3)}, path)
+                "dynamic_threshold": published}, path)
     target = method.build_model(cfg, make_tiny_vit(1))
     assert load_method_checkpoint(method, cfg, target, path, layout="reference") == "reference"
     target.eval()
     x = _images(rng)
     with torch.no_grad():
         assert torch.equal(target(x).logits, source(x).logits)
-    assert float(target.thresholds[0]) == math.inf and not bool(target.calibrated)  # left to calibrate
+    # the authors' per-q thresholds become the table (last exit: everyone); the ones in force wait for calibrate
+    assert torch.equal(target.threshold_table[:, :2], published[:, :2]) and (target.threshold_table[:, 2] == -math.inf).all()
+    assert bool(target.calibrated) and float(target.thresholds[0]) == math.inf
     del ref["less_token.relation_reuse_conv.2.bias"]
     torch.save({"model_state_dict": ref}, path)
     with pytest.raises(CheckpointError, match="relations.2.bias"):
