@@ -104,7 +104,10 @@ def _cmd_pareto(args: argparse.Namespace) -> int:
         uri, experiments=args.experiment or [], sweeps=args.sweep or [], method=split(args.method),
         backbone=split(args.backbone), device=split(args.device),
     )
-    report = fronts.compare(selection, objectives or None, budget_ms=args.budget_ms, reference=reference, experiments=args.experiment or [])
+    report = fronts.compare(
+        selection, objectives or None, budget_ms=args.budget_ms, reference=reference, experiments=args.experiment or [],
+        mixed_devices=args.mixed_devices,
+    )
     fmt = "json" if args.json else args.format
     if fmt == "json":
         print(json.dumps(fronts.to_json(report), indent=2))
@@ -247,7 +250,8 @@ def _parser() -> argparse.ArgumentParser:
     pa.add_argument("--tracking-uri", help="MLflow tracking URI (default: MLflow's default)")
     pa.add_argument("--method", action="append", help="keep runs of this method only (tag method; repeatable or comma-separated)")
     pa.add_argument("--backbone", action="append", help="keep runs of this backbone only (tag backbone)")
-    pa.add_argument("--device", action="append", help="keep runs whose device tag is this (runs without one are left out: trials do not record a device yet)")
+    pa.add_argument("--device", action="append", help="keep runs measured on this device (their `device` tag, e.g. from the table's output)")
+    pa.add_argument("--mixed-devices", action="store_true", help="combine runs measured on different kinds of device (refused otherwise)")
     pa.add_argument("--objective", action="append", metavar="METRIC:MODE",
                     help="an objective of the front, e.g. val_top1:max; repeatable (default: the sweeps' recorded objectives, else val_top1:max latency_ms:min)")
     pa.add_argument("--reference", action="append", metavar="METRIC=VALUE",

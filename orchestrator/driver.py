@@ -25,6 +25,7 @@ from ray.train.torch import TorchConfig, TorchTrainer
 from ray.tune.integration.ray_train import TuneReportCallback
 
 from methods.dense import DenseConfig
+from methods.latency import device_name
 
 from . import loop, storage, worker
 from .config import ExperimentConfig, ResourcesConfig, to_flat_dict
@@ -35,6 +36,8 @@ __all__ = ["run_trial", "train_dense", "scaling_config", "MlflowReportCallback",
 
 _logger = logging.getLogger(__name__)
 _DRIVER_MEMORY = 512 * 1024**2
+RANKS_TAG = "prunetune.ranks"  # JSON: each rank's rank, world size, node id, device and images seen per epoch
+DEVICE_TAG = "device"  # what rank 0 ran and was measured on (fronts compare only runs of one device)
 
 
 def scaling_config(res: ResourcesConfig) -> tuple[ScalingConfig, TorchConfig]:
@@ -59,6 +62,9 @@ class MlflowReportCallback(UserCallback):
         reported = metrics[0] if metrics else {}
         try:
             log_final(self.tracker, self.run_id, reported)
+            ranks = sorted((json.loads(m[worker.RANK_KEY]) for m in metrics if worker.RANK_KEY in m), key=lambda r: r["rank"])
+            if ranks and all(r.get("train_samples") is not None for r in ranks):  # each rank's epoch: where it ran, what it saw
+                self.tracker.set_tags(self.run_id, {RANKS_TAG: json.dumps(ranks), DEVICE_TAG: ranks[0]["device"]})
             if checkpoint is not None:
                 self.tracker.set_tags(self.run_id, {"checkpoint_uri": checkpoint.path})
         except Exception as e:  # a tracking hiccup must not kill training; the checkpoint is safe
@@ -181,6 +187,8 @@ def evaluate_here(exp: ExperimentConfig, tracker: Tracker, run_id: str) -> dict[
     run = loop.build_run(exp, "trial", device, pretrained_path=pretrained)
     final = loop.fit(run, lambda metrics, state: None)
     log_final(tracker, run_id, final)
+    where = {"rank": 0, "world_size": 1, "node_id": ray.get_runtime_context().get_node_id() if ray.is_initialized() else "", "device": device_name(device)}
+    tracker.set_tags(run_id, {RANKS_TAG: json.dumps([where]), DEVICE_TAG: where["device"]})
     return {k: v for k, v in final.items() if k != loop.TABLES_KEY}
 
 

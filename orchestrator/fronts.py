@@ -9,8 +9,9 @@ latency budget, and each sweep's hypervolume against one reference point.
 
 Only runs that finished with every objective measured compete; the others (failed, stopped early,
 interrupted) are ignored with one warning. Filters compare run tags: ``method``, ``backbone`` and
-``device``. Trials do not record a device yet: a ``device`` filter keeps the runs whose ``device``
-tag matches and leaves out, with a warning, those that have no such tag (their device is unknown).
+``device`` (what rank 0 ran and was measured on, recorded by every trial since this tag exists; a
+``device`` filter leaves out, with a warning, older runs that have none). Runs measured on several
+kinds of device are refused unless ``mixed_devices`` asks for them, and then the report says so.
 """
 from __future__ import annotations
 
@@ -76,6 +77,7 @@ class FrontReport:
     budget_ms: float | None = None
     within_budget: dict | None = None
     experiments: list[str] = field(default_factory=list)
+    devices: list[str] = field(default_factory=list)  # the kinds of device the runs were measured on
 
 
 # ---- arguments -------------------------------------------------------------------------------------
@@ -315,12 +317,18 @@ def _by_sweep(rows: Sequence[dict]) -> dict[str, list[dict]]:
 
 def compare(
     selection: Selection, objectives: Sequence[tuple[str, str]] | None = None, budget_ms: float | None = None,
-    reference: dict[str, float] | None = None, experiments: Sequence[str] = (),
+    reference: dict[str, float] | None = None, experiments: Sequence[str] = (), mixed_devices: bool = False,
 ) -> FrontReport:
     """The combined front of the selection, each sweep's hypervolume (one reference point), and the
     most accurate run within ``budget_ms``; runs that cannot compete are ignored with a warning."""
     objectives = resolve_objectives(selection.sweeps, objectives)
     rows = selection.rows
+    devices = sorted({r.get("device") or "" for r in rows} - {""})
+    if len(devices) > 1 and not mixed_devices:
+        raise UserError(
+            f"the runs were measured on {len(devices)} kinds of device ({'; '.join(devices)}): their latencies do not compare; "
+            "pick one with --device, or pass --mixed-devices to combine them anyway"
+        )
     valid, ignored = usable(rows, objectives)
     if ignored:
         reasons = Counter(_why(r, objectives) for r in ignored)
@@ -349,6 +357,7 @@ def compare(
         hypervolume=hypervolume([r["metrics"] for r in front], objectives, point) if complete else None,
         ignored=ignored, budget_ms=budget_ms, within_budget=within,
         experiments=list(experiments) or list(dict.fromkeys(s.experiment for s in selection.sweeps)),
+        devices=devices,
     )
 
 
@@ -373,6 +382,7 @@ def to_json(report: FrontReport) -> dict:
         "experiments": report.experiments, "objectives": [list(o) for o in report.objectives],
         "reference": report.reference, "reference_from": report.reference_from, "hypervolume": report.hypervolume,
         "sweeps": report.sweeps, "ignored": len(report.ignored), "front": [public_row(r, keys) for r in report.front],
+        "devices": report.devices,
     }
     if len(report.experiments) == 1:
         out["experiment"] = report.experiments[0]
@@ -423,6 +433,8 @@ def format_table(report: FrontReport) -> str:
     out = []
     ref = ", ".join(f"{m} {_fmt(v)} ({report.reference_from.get(m, '')})" for m, v in report.reference.items())
     out.append(f"objectives: {_objectives_text(report.objectives)}; hypervolume reference: {ref or 'none'}")
+    if len(report.devices) > 1:
+        out.append(f"MIXED DEVICES (asked for): {'; '.join(report.devices)}: latencies across them do not compare")
     if report.sweeps:
         lines = [["sweep", "run_id", "experiment", "runs", "finished", "on front", "hypervolume"]]
         for s in report.sweeps:

@@ -194,7 +194,7 @@ def train_one_epoch(run: Run) -> dict[str, float]:
     task_loss = nn.CrossEntropyLoss(label_smoothing=run.train_cfg.label_smoothing)
     amp = _amp_dtype(run)
     sums: dict[str, float] = {}
-    n = 0
+    n = seen = 0
     start = time.perf_counter()
     for images, target in run.train_loader:
         images, target = images.to(run.device, non_blocking=True), target.to(run.device, non_blocking=True)
@@ -223,7 +223,9 @@ def train_one_epoch(run: Run) -> dict[str, float]:
         for k, v in terms.items():
             sums[k] = sums.get(k, 0.0) + float(v)
         n += 1
+        seen += len(target)
     metrics = {k: v / max(n, 1) for k, v in sums.items()}
+    metrics["train_samples"] = seen  # this rank's images this epoch (its DistributedSampler shard)
     metrics["epoch_time_s"] = time.perf_counter() - start
     metrics["lr"] = max(g["lr"] for g in run.optimizer.param_groups)
     return metrics

@@ -6,6 +6,7 @@ trains. Every epoch, rank 0 writes a checkpoint directory and all ranks call ``r
 """
 from __future__ import annotations
 
+import json
 import logging
 import tempfile
 from pathlib import Path
@@ -15,12 +16,16 @@ import ray.train
 import ray.train.torch
 import torch
 
+from methods.latency import device_name
+
 from . import loop, storage
 from .config import ExperimentConfig
 
-__all__ = ["train_fn_per_worker", "configure_logging", "load_state", "STATE_FILE"]
+__all__ = ["train_fn_per_worker", "configure_logging", "load_state", "STATE_FILE", "RANK_KEY"]
 
 STATE_FILE = "state.pt"
+#: Each rank's report carries where it ran (rank, world size, node, device, images seen), as JSON under this key.
+RANK_KEY = "rank_json"
 _logger = logging.getLogger(__name__)
 
 
@@ -79,6 +84,7 @@ def train_fn_per_worker(config: dict[str, Any]) -> None:
     pretrained = str(storage.fetch(exp.model.pretrained)) if stage == "trial" and exp.model.pretrained else None
 
     run = loop.build_run(exp, stage, device, rank, world, pretrained)
+    where = {"rank": rank, "world_size": world, "node_id": ray.get_runtime_context().get_node_id(), "device": device_name(device)}
     state = _start_state(exp, stage)
     if state is not None:
         loop.restore(run, state)
@@ -87,4 +93,4 @@ def train_fn_per_worker(config: dict[str, Any]) -> None:
             "find_unused_parameters": run.method.find_unused_parameters, "broadcast_buffers": run.method.broadcast_buffers,
         },
     )
-    loop.fit(run, _report)
+    loop.fit(run, lambda metrics, state: _report({**metrics, RANK_KEY: json.dumps({**where, "train_samples": metrics.get("train_samples")})}, state))

@@ -59,14 +59,29 @@ def digits_dir(tmp_path_factory) -> Path:
     return out
 
 
+#: Variables that would point a test's sweep at a real cluster or tracking server instead of its own.
+_FOREIGN = ("RAY_ADDRESS", "MLFLOW_TRACKING_URI", "MLFLOW_RUN_ID", "PRUNETUNE_CACHE")
+
+
+def clean_env(**extra: str) -> dict[str, str]:
+    """This process's environment without what would reach outside the test, plus ``extra``."""
+    return {**{k: v for k, v in os.environ.items() if k not in _FOREIGN}, **extra}
+
+
 def _run_cli(*args: str, cwd: Path, timeout: float = 900, env: dict | None = None) -> subprocess.CompletedProcess:
-    """``prunetune ARGS`` in a subprocess (its own local Ray), output captured."""
+    """``prunetune ARGS`` in a subprocess (its own local Ray, never one from ``RAY_ADDRESS``), output captured."""
     return subprocess.run(
         [sys.executable, "-m", "orchestrator.cli", *args], cwd=cwd, capture_output=True, text=True, timeout=timeout,
-        env={**os.environ, **(env or {})},
+        env=clean_env(**(env or {})),
     )
 
 
 @pytest.fixture(scope="session")
 def run_cli():
     return _run_cli
+
+
+@pytest.fixture
+def cli_env() -> dict[str, str]:
+    """The environment for a ``prunetune`` process a test starts itself (``clean_env``)."""
+    return clean_env()

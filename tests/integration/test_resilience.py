@@ -81,12 +81,12 @@ def _kill_own_train_workers(root_pid: int) -> bool:
     return killed
 
 
-def test_killed_worker_resumes_from_latest_checkpoint(tmp_path, digits_dir):
+def test_killed_worker_resumes_from_latest_checkpoint(tmp_path, digits_dir, cli_env):
     config = _dense_config(tmp_path, digits_dir, num_samples=1)
     out_log, err_log = open(tmp_path / "out.log", "w"), open(tmp_path / "err.log", "w")  # files: pipes could fill and block it
     proc = subprocess.Popen(
         [sys.executable, "-m", "orchestrator.cli", "sweep", str(config), "--name", "resume"],
-        cwd=tmp_path, stdout=out_log, stderr=err_log, text=True,
+        cwd=tmp_path, stdout=out_log, stderr=err_log, text=True, env=cli_env,
     )
     first = tmp_path / "runs" / "resume"
     # Kill only once Ray Train has committed the first checkpoint: the controller-side MLflow
@@ -110,12 +110,12 @@ def test_killed_worker_resumes_from_latest_checkpoint(tmp_path, digits_dir):
     assert (trial_dir / "checkpoint_epoch_0002" / "state.pt").is_file()
 
 
-def test_ctrl_c_ends_the_sweep_killed_and_resume_finishes_it(tmp_path, digits_dir, run_cli):
+def test_ctrl_c_ends_the_sweep_killed_and_resume_finishes_it(tmp_path, digits_dir, run_cli, cli_env):
     config = _dense_config(tmp_path, digits_dir, num_samples=2)
     with open(tmp_path / "out.log", "w") as out_log, open(tmp_path / "err.log", "w") as err_log:
         proc = subprocess.Popen(
             [sys.executable, "-m", "orchestrator.cli", "sweep", str(config), "--name", "intr"],
-            cwd=tmp_path, stdout=out_log, stderr=err_log, text=True,
+            cwd=tmp_path, stdout=out_log, stderr=err_log, text=True, env=cli_env,
         )
         deadline = time.time() + 300
         while not _committed_checkpoint(tmp_path).endswith("checkpoint_epoch_0000"):

@@ -54,6 +54,7 @@ def _config(tmp_path: Path, digits_dir: Path, pretrained: str) -> Path:
 
 def test_pretrained_weights_and_checkpoints_on_s3(tmp_path, digits_dir, s3_env, run_cli):
     env, client = s3_env
+    env = {**env, "PRUNETUNE_CACHE": str(tmp_path / "s3-cache")}  # this test's own: the download really happens
     config = _config(tmp_path, digits_dir, f"s3://{BUCKET}/weights/dense.pt")
     proc = run_cli("sweep", str(config), "--name", "s3sweep", cwd=tmp_path, env=env)
     assert proc.returncode == 0, proc.stderr[-5000:]
@@ -70,6 +71,7 @@ def test_pretrained_weights_and_checkpoints_on_s3(tmp_path, digits_dir, s3_env, 
 
 def test_corrupt_checkpoint_on_s3_is_refused_before_anything_runs(tmp_path, digits_dir, s3_env, run_cli):
     env, _ = s3_env
+    env = {**env, "PRUNETUNE_CACHE": str(tmp_path / "s3-cache")}
     config = _config(tmp_path, digits_dir, f"s3://{BUCKET}/weights/corrupt.pt")
     proc = run_cli("sweep", str(config), cwd=tmp_path, env=env, timeout=300)
     assert proc.returncode == 2

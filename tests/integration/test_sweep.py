@@ -81,6 +81,12 @@ def test_parent_and_children_recorded(sweep):
         assert m["gflops"] < m["dense_gflops"]  # tokens really dropped at inference
         history = client.get_metric_history(child.info.run_id, "train_loss")
         assert sorted(h.step for h in history) == list(range(EPOCHS))
+        # Both DDP ranks really ran: each saw its DistributedSampler half of the 1437 training
+        # images, ceil(1437 / 2) = 719, in whole batches of 64 (drop_last): 11 * 64 = 704.
+        ranks = json.loads(child.data.tags["prunetune.ranks"])
+        assert [r["rank"] for r in ranks] == [0, 1] and {r["world_size"] for r in ranks} == {2}
+        assert [r["train_samples"] for r in ranks] == [704, 704]
+        assert child.data.tags["device"] == ranks[0]["device"] and ranks[0]["device"].startswith("cpu")
     # The dense backbone is measured beside the trials and competes on the front (it may dominate them).
     (ref,) = _runs(client, "reference")
     assert ref.data.tags["method"] == "dense" and ref.data.tags["mlflow.parentRunId"] == parent.info.run_id

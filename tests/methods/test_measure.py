@@ -7,7 +7,7 @@ import math
 import pytest
 import torch
 
-from methods import MeasureConfig, count_gflops, get_method, measure_pair
+from methods import MeasureConfig, MethodOutput, count_gflops, get_method, measure_pair
 from methods.dynamicvit import DynamicViTConfig
 
 IMAGE = (3, 32, 32)
@@ -74,3 +74,40 @@ def test_dynamicvit_gflops_match_the_analytic_count_of_the_gathered_graph(tiny_v
     sparse, _ = _pair(tiny_vit, keep_ratio)
     expected = _dynamicvit_macs((1, 3, 5), sparse.keep_counts)
     assert count_gflops(sparse, IMAGE) * 1e9 == pytest.approx(expected, rel=0.15)
+
+
+class _Clocked(torch.nn.Module):
+    """A model whose forward advances a fake clock by ``ms_per_image`` per image and records how it was called."""
+
+    def __init__(self, clock: list[float], ms_per_image: float, width: int) -> None:
+        super().__init__()
+        self.clock, self.ms = clock, ms_per_image
+        self.fc = torch.nn.Linear(3 * 8 * 8, width)
+        self.calls: list[tuple[int, bool, bool]] = []
+
+    def forward(self, x):
+        self.calls.append((x.shape[0], self.training, torch.is_grad_enabled()))
+        self.clock[0] += self.ms * 1e-3 * x.shape[0]
+        return MethodOutput(self.fc(x.flatten(1)))
+
+
+def test_measure_pair_times_each_model_in_its_own_slot_in_eval_mode(monkeypatch):
+    """Swapping the slots, timing in train mode or with gradients, or a latency at another batch than 1
+    would each change a figure here: the clock only moves by what each model costs per image."""
+    import types
+
+    from methods import measure as measure_module
+
+    clock = [0.0]
+    monkeypatch.setattr(measure_module, "time", types.SimpleNamespace(perf_counter=lambda: clock[0]))
+    sparse, dense = _Clocked(clock, 1.0, width=4), _Clocked(clock, 3.0, width=64)
+    sparse.train(), dense.train()
+    cfg = MeasureConfig(batch_size=8, warmup=1, iters=3, rounds=2)
+    out = measure_pair(sparse, dense, (3, 8, 8), torch.device("cpu"), cfg)
+    assert out["latency_ms"] == pytest.approx(1.0) and out["dense_latency_ms"] == pytest.approx(3.0)  # batch 1
+    assert out["throughput_ips"] == pytest.approx(1000.0) and out["dense_throughput_ips"] == pytest.approx(1000.0 / 3)
+    assert out["speedup"] == pytest.approx(3.0) and out["throughput_ratio"] == pytest.approx(3.0)
+    assert out["gflops"] < out["dense_gflops"]
+    for model in (sparse, dense):
+        assert {b for b, _, _ in model.calls} >= {1, 8}
+        assert not any(training or grad for _, training, grad in model.calls)

@@ -349,3 +349,18 @@ def test_cli_errors_are_one_line(store, capsys):
     assert code == 2 and err.count("\n") == 1
     code, _, err = _cli(capsys, "--experiment", "nope", "--tracking-uri", store["uri"])
     assert code == 2 and "'nope' not found" in err
+
+
+def test_runs_of_two_kinds_of_device_are_refused_unless_asked_for(mlflow_tmp):
+    rnd = random.Random(3)
+    tracker = Tracker(mlflow_tmp, "devices")
+    _record_sweep(tracker, "on-cpu", "tome", ACC_LAT, 3, rnd, dense_latency=12.0, device="cpu:Xeon")
+    _record_sweep(tracker, "on-gpu", "tome", ACC_LAT, 3, rnd, dense_latency=2.0, device="cuda:H100")
+    selection = fronts.read_selection(mlflow_tmp, experiments=["devices"])
+    with pytest.raises(UserError, match=r"2 kinds of device \(cpu:Xeon; cuda:H100\).*--mixed-devices"):
+        fronts.compare(selection, ACC_LAT)
+    report = fronts.compare(selection, ACC_LAT, mixed_devices=True)
+    assert report.devices == ["cpu:Xeon", "cuda:H100"] and report.front
+    assert "MIXED DEVICES" in fronts.format_table(report)
+    one = fronts.compare(fronts.read_selection(mlflow_tmp, experiments=["devices"], device=["cuda:H100"]), ACC_LAT)
+    assert one.devices == ["cuda:H100"]
