@@ -32,8 +32,10 @@ def _config(tmp_path: Path, digits_dir: Path) -> Path:
     methods = [
         {"method": {"name": "dynamicvit", "pruning_loc": [1, 2, 3]}, "search_space": "dyn.yaml"},
         {"method": {"name": "evovit", "prune_location": 1, "stage_starts": [1, 2]}, "search_space": "evo.yaml"},
-        # batch-16 latency tables: at batch 1 a 65-token block's latency hardly depends on its tokens
-        {"method": {"name": "spvit", "pruning_loc": [1, 2, 3], "latency_batch_size": 16}, "search_space": "sp.yaml"},
+        # Batch-64 latency tables: on a 65-token, 96-channel model a block's latency depends on its
+        # tokens only at large batches, and three selectors cost as much as a block (at batch 16 the
+        # best schedule reached 0.93 of dense, so 0.9 was out of reach; an unmet target fails the trial).
+        {"method": {"name": "spvit", "pruning_loc": [1, 2, 3], "latency_batch_size": 64}, "search_space": "sp.yaml"},
         {"method": {"name": "tome"}, "search_space": "tome"},
     ]
     spaces = {
@@ -95,6 +97,11 @@ def test_every_method_ran_and_was_measured(sweep):
         trained = t.data.tags["method"] != "tome"
         assert ("train_loss" in t.data.metrics) == trained  # ToMe trials train nothing
         assert int(t.data.params["train.epochs"]) == (1 if trained else 0)
+    # SPViT chose its keep schedule to meet its latency target on this machine (batch-64 tables)
+    (sp,) = [t for t in trials if t.data.tags["method"] == "spvit"]
+    target = float(sp.data.params["latency_target_ratio"])
+    assert sp.data.metrics["predicted_latency_ms"] <= target * sp.data.metrics["predicted_dense_latency_ms"] * (1 + 1e-6)
+    assert sp.data.metrics["target_keep_ratio_stage1"] < 1.0
     # the searched method's own parameters are recorded under their config names
     tome = {float(t.data.params["r"]) for t in trials if t.data.tags["method"] == "tome"}
     assert {1.0, 6.0} <= tome
