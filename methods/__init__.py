@@ -17,16 +17,17 @@ from .base import (  # noqa: E402
     MethodOutput,
     SparsityMethod,
     StepHooks,
+    TokenStage,
     UnknownMethodError,
     get_method,
     list_methods,
     register_method,
 )
-from .measure import MeasureConfig, count_gflops, measure_pair  # noqa: E402
+from .measure import MeasureConfig, bench_models, bench_pair, count_gflops, measure_pair  # noqa: E402
 
 __all__ = [
     "BackboneConfig", "CheckpointError", "create_backbone", "load_backbone_weights",
-    "Geometry", "LossOutput", "Measurement", "MethodConfig", "MethodOutput", "SparsityMethod", "StepHooks", "UnknownMethodError",
+    "Geometry", "LossOutput", "Measurement", "MethodConfig", "MethodOutput", "SparsityMethod", "StepHooks", "TokenStage", "UnknownMethodError",
     "get_method", "list_methods", "register_method",
-    "MeasureConfig", "count_gflops", "measure_pair",
+    "MeasureConfig", "bench_models", "bench_pair", "count_gflops", "measure_pair",
 ]

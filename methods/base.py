@@ -30,6 +30,7 @@ __all__ = [
     "LossOutput",
     "Measurement",
     "StepHooks",
+    "TokenStage",
     "SparsityMethod",
     "register_method",
     "get_method",
@@ -130,6 +131,25 @@ class StepHooks:
 
     def on_epoch_end(self, epoch: int) -> None:
         """After each training epoch, before evaluation."""
+
+
+@dataclass
+class TokenStage:
+    """Where every input patch is at one token stage of a model's eval-mode forward (for visualisation).
+
+    Attributes:
+        block: the first block that runs on the stage's tokens (0-based).
+        token: ``[B, num_patches]`` long, one entry per original patch (row-major over the grid): the
+            index, among the stage's patch tokens, of the token that carries it, or -1 where the
+            patch is not in the sequence (dropped, or waiting out the stage). Pruning gives every
+            kept patch a token of its own; merging (ToMe, SPViT's package tokens) lets several
+            patches share one.
+        label: a short description, e.g. ``"block 2: 31 of 64 tokens"``.
+    """
+
+    block: int
+    token: torch.Tensor
+    label: str = ""
 
 
 C = TypeVar("C", bound=MethodConfig)
@@ -242,6 +262,12 @@ class SparsityMethod(Generic[C]):
     def stats(self, model: nn.Module, out: MethodOutput | None = None) -> dict[str, float]:
         """Method-specific metrics (flat snake_case floats), from the model and optionally a train output."""
         return {}
+
+    def token_trace(self, model: nn.Module, images: torch.Tensor) -> list["TokenStage"] | None:
+        """Which input patches each token stage of the eval-mode (really pruned) forward keeps or
+        merges, for ``images [B, 3, H, W]``; None for methods that do not change the tokens
+        (default). Runs under ``no_grad`` in eval mode and leaves ``model``'s mode as it was."""
+        return None
 
 
 _NO_DECAY_NAMES = ("cls_token", "pos_embed", "dist_token", "reg_token")

@@ -587,10 +587,10 @@ def _collect(model: DVT, loader: Any, device: torch.device, amp: bool = False) -
     return torch.cat(conf, dim=1), torch.cat(correct, dim=1)
 
 
-def _autocast(device: torch.device, amp: bool):
-    if not amp:
+def _autocast(device: torch.device, amp: bool | torch.dtype | None):
+    if amp is None or amp is False:
         return nullcontext()
-    return torch.autocast(device.type, dtype=torch.float16 if device.type == "cuda" else torch.bfloat16)
+    return torch.autocast(device.type, dtype=amp if isinstance(amp, torch.dtype) else torch.float16 if device.type == "cuda" else torch.bfloat16)
 
 
 def _sync(device: torch.device) -> None:
@@ -732,7 +732,7 @@ class DVTMethod(SparsityMethod[DVTConfig]):
         model.eval()
         dense.eval()
         k_exits = model.num_exits
-        amp = bool(getattr(measure_cfg, "amp", False))
+        amp = measure_cfg.autocast_dtype(device) if hasattr(measure_cfg, "autocast_dtype") else bool(getattr(measure_cfg, "amp", False))
         warmup, iters, rounds = int(measure_cfg.warmup), int(measure_cfg.iters), int(measure_cfg.rounds)
 
         costs = _exit_costs(model, image_shape, device)

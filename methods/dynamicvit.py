@@ -36,7 +36,8 @@ from torch import nn
 from timm.models.vision_transformer import VisionTransformer
 
 from ._common import block_forward, fit_backbone, gather_tokens, policy_attention, vit_head, vit_stem
-from .base import Geometry, LossOutput, MethodConfig, MethodOutput, SparsityMethod, TaskLoss, register_method, split_decay
+from ._common.trace import kept_stage, traced
+from .base import Geometry, LossOutput, MethodConfig, MethodOutput, SparsityMethod, TaskLoss, TokenStage, register_method, split_decay
 
 __all__ = ["DynamicViTConfig", "DynamicViTPredictor", "DynamicViT", "DynamicViTMethod"]
 
@@ -156,16 +157,18 @@ class DynamicViT(nn.Module):
     def _forward_infer(self, x: torch.Tensor) -> MethodOutput:
         npre = self.vit.num_prefix_tokens
         stage = 0
+        kept = []
         for i, blk in enumerate(self.vit.blocks):
             if stage < len(self.pruning_loc) and i == self.pruning_loc[stage]:
                 patches = x[:, npre:]
                 logp = self.predictors[stage](patches, patches.new_ones(*patches.shape[:2], 1))
                 keep = logp[..., 0].topk(self.keep_counts[stage], dim=1).indices  # score order
+                kept.append(keep)
                 x = torch.cat([x[:, :npre], gather_tokens(patches, keep)], dim=1)
                 stage += 1
             x = blk(x)
         logits, tokens = vit_head(self.vit, x)
-        return MethodOutput(logits, {"tokens": tokens})
+        return MethodOutput(logits, {"tokens": tokens, "keep_index": kept})
 
 
 @register_method("dynamicvit")
@@ -215,6 +218,18 @@ class DynamicViTMethod(SparsityMethod[DynamicViTConfig]):
         if out is None or "decisions" not in out.aux:
             return {}
         return {f"keep_ratio_stage{k + 1}": float(d.detach().mean()) for k, d in enumerate(out.aux["decisions"])}
+
+    def token_trace(self, model: nn.Module, images: torch.Tensor) -> list[TokenStage]:
+        """The patches each stage keeps (``aux["keep_index"]`` of the eval forward, traced back to the input grid)."""
+        with traced(model) as m:
+            kept = m(images).aux["keep_index"]
+        n = m.vit.patch_embed.num_patches
+        positions = torch.arange(n, device=images.device).expand(images.shape[0], n)
+        stages = []
+        for block, keep in zip(m.pruning_loc, kept):
+            positions = positions.gather(1, keep)
+            stages.append(kept_stage(block, positions, n))
+        return stages
 
 
 def distillation_loss(

@@ -64,7 +64,8 @@ from torch import nn
 from timm.models.vision_transformer import Block, VisionTransformer
 
 from ._common import fit_backbone, gather_tokens, merge_heads, qkv_heads, sdpa, vit_stem
-from .base import Geometry, LossOutput, MethodConfig, MethodOutput, SparsityMethod, StepHooks, TaskLoss, register_method
+from ._common.trace import kept_stage, traced
+from .base import Geometry, LossOutput, MethodConfig, MethodOutput, SparsityMethod, StepHooks, TaskLoss, TokenStage, register_method
 
 __all__ = ["EvoViTConfig", "EvoViT", "EvoViTMethod"]
 
@@ -175,7 +176,8 @@ class EvoViT(nn.Module):
     the mean-pool head's, with ``aux["cls_logits"]`` (and ``aux["dist_logits"]`` on a distilled
     backbone). ``aux["tokens"]``: the final normed patch tokens in the original spatial order;
     ``aux["global_attn"]``: ``g`` as sorted at each selection; ``aux["kept_index"]``: original
-    positions of the patches the last selection kept, in rank order.
+    positions of the patches the last selection kept, in rank order; ``aux["kept_per_stage"]``:
+    ``(block, those positions)`` for every selection.
     """
 
     def __init__(self, vit: VisionTransformer, cfg: EvoViTConfig) -> None:
@@ -213,6 +215,7 @@ class EvoViT(nn.Module):
         end = -1  # last block of the running segment, -1 outside segments
         held = delta = None
         selections = []
+        kept = []  # (block, original positions of the patches running the segment)
         for i, blk in enumerate(self.vit.blocks):
             if i in ends:  # token selection: sort by g, the top K run the segment
                 end = ends[i]
@@ -220,6 +223,7 @@ class EvoViT(nn.Module):
                 selections.append(g)
                 patches = gather_tokens(x[:, npre:], rank)
                 order = order.gather(1, rank)
+                kept.append((i, order[:, :keep]))
                 held = patches[:, keep:]
                 parts = [x[:, :npre], patches[:, :keep]]
                 if fast:
@@ -245,7 +249,9 @@ class EvoViT(nn.Module):
                     x, held = x[:, :-1], held + delta
                 x = torch.cat([x, held], dim=1)
                 end = -1
-        return self._heads(x, order, selections)
+        out = self._heads(x, order, selections)
+        out.aux["kept_per_stage"] = kept
+        return out
 
     def _heads(self, x: torch.Tensor, order: torch.Tensor, selections: list[torch.Tensor]) -> MethodOutput:
         vit, npre = self.vit, self.num_prefix
@@ -378,6 +384,13 @@ class EvoViTMethod(SparsityMethod[EvoViTConfig]):
     def hooks(self, model: nn.Module, cfg: EvoViTConfig, optimizer=None, total_steps=None) -> StepHooks:
         model = getattr(model, "module", model)
         return _LayerwiseHooks(model) if cfg.layerwise_epochs > 0 else StepHooks()
+
+    def token_trace(self, model: nn.Module, images: torch.Tensor) -> list[TokenStage]:
+        """Per stage: the top-K patches by global class attention, which run the stage's blocks (the
+        others wait, or with ``fast_update`` follow one representative token)."""
+        with traced(model) as m:
+            kept = m(images).aux["kept_per_stage"]
+        return [kept_stage(block, positions, m.num_patches) for block, positions in kept]
 
     def convert_reference_state(self, state: dict[str, torch.Tensor], cfg: EvoViTConfig) -> dict[str, torch.Tensor]:
         """The authors' ``EvoVisionTransformer`` layout -> this model's keys.

@@ -1,25 +1,41 @@
 """Measure what really runs: latency, throughput and fvcore GFLOPs, sparse beside dense.
 
-Both models are timed in the same process on the same device, in eval mode under ``no_grad``, with
-random inputs (as DynamicViT's ``calc_flops.py`` and ToMe's ``benchmark``), synchronizing around
-each timed call on CUDA. Dense and sparse runs are interleaved in several rounds and the median is
-kept, so a noisy machine shifts both alike. GFLOPs are fvcore MACs (the convention of every paper
-in this field) of one image through the eval-mode graph, so gathered-away tokens are not counted.
+Models are timed in the same process on the same device, in eval mode under ``no_grad``, with random
+inputs (as DynamicViT's ``calc_flops.py`` and ToMe's ``benchmark``), synchronizing around each timed
+call on CUDA. They are interleaved in rounds (the order alternates from round to round, so a drift
+favours none of them): each round times every model after its warm-up and keeps the median of its
+timed calls. A model's figure is the median over rounds and its spread ``(max - min) / median`` over
+rounds; a ratio to the dense model (speed-up) is taken round by round, against the dense time of that
+same round, and pooled by its median, so a noisy machine that slows a round slows both sides of its
+ratio alike. GFLOPs are fvcore MACs (the convention of every paper in this field) of one image through
+the eval-mode graph, so gathered-away tokens are not counted.
+
+Precision ``bf16``/``fp16`` times under ``torch.autocast`` with that dtype (the model's weights stay
+fp32; autocast casts them once per timed loop); ``compile`` wraps every timed model in
+``torch.compile`` (default mode, static shapes) alike, compiled before the first timed round.
 """
 from __future__ import annotations
 
 import logging
 import statistics
 import time
+from collections.abc import Mapping
 from contextlib import nullcontext
 from dataclasses import dataclass
+from typing import Literal
 
 import torch
 from torch import nn
 
-__all__ = ["MeasureConfig", "measure_pair", "count_gflops", "time_forward"]
+__all__ = [
+    "MeasureConfig", "PRECISIONS", "measure_pair", "bench_pair", "bench_models", "count_gflops", "time_forward",
+    "time_rounds", "spread", "profile_ops",
+]
 
 _logger = logging.getLogger(__name__)
+
+#: ``MeasureConfig.precision`` -> the autocast dtype (None: plain fp32).
+PRECISIONS: dict[str, torch.dtype | None] = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}
 
 
 @dataclass(frozen=True)
@@ -27,11 +43,14 @@ class MeasureConfig:
     """How to time a model.
 
     Attributes:
-        batch_size: batch for throughput (images/s); latency always uses batch 1.
+        batch_size: batch for throughput (images/s); a trial's latency always uses batch 1.
         warmup: untimed forward passes before each timed round.
-        iters: timed forward passes per round.
-        rounds: interleaved dense/sparse rounds; the median round is reported.
-        amp: time under autocast (fp16 on CUDA, bf16 on CPU).
+        iters: timed forward passes per round (their median is the round's figure).
+        rounds: interleaved rounds; the median over rounds is reported, with its spread.
+        amp: time under autocast in the device's usual half type (fp16 on CUDA, bf16 on CPU);
+            ``precision`` names the type explicitly and wins when not fp32.
+        precision: ``fp32``, ``bf16`` or ``fp16`` (autocast with that dtype).
+        compile: ``torch.compile`` every timed model alike (the dense one too).
     """
 
     batch_size: int = 64
@@ -39,6 +58,25 @@ class MeasureConfig:
     iters: int = 30
     rounds: int = 3
     amp: bool = False
+    precision: Literal["fp32", "bf16", "fp16"] = "fp32"
+    compile: bool = False
+
+    def __post_init__(self) -> None:
+        for name in ("batch_size", "iters", "rounds"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"measure.{name} must be >= 1, got {getattr(self, name)}")
+        if self.warmup < 0:
+            raise ValueError(f"measure.warmup must be >= 0, got {self.warmup}")
+        if self.precision not in PRECISIONS:
+            raise ValueError(f"measure.precision must be one of {', '.join(PRECISIONS)}, got {self.precision!r}")
+
+    def autocast_dtype(self, device: torch.device | str) -> torch.dtype | None:
+        """The dtype to autocast to on ``device`` (None: fp32, no autocast)."""
+        if PRECISIONS[self.precision] is not None:
+            return PRECISIONS[self.precision]
+        if self.amp:
+            return torch.float16 if torch.device(device).type == "cuda" else torch.bfloat16
+        return None
 
 
 def _sync(device: torch.device) -> None:
@@ -46,13 +84,20 @@ def _sync(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
+def _autocast(device: torch.device, amp: bool | torch.dtype | None):
+    if amp is None or amp is False:
+        return nullcontext()
+    dtype = amp if isinstance(amp, torch.dtype) else (torch.float16 if device.type == "cuda" else torch.bfloat16)
+    return torch.autocast(device.type, dtype=dtype)
+
+
 @torch.no_grad()
-def time_forward(model: nn.Module, x: torch.Tensor, warmup: int, iters: int, amp: bool = False) -> float:
-    """Median seconds of one forward of ``model`` on ``x`` over ``iters`` timed calls."""
-    dtype = torch.float16 if x.device.type == "cuda" else torch.bfloat16
-    ctx = torch.autocast(x.device.type, dtype=dtype) if amp else nullcontext()
+def time_forward(model: nn.Module, x: torch.Tensor, warmup: int, iters: int, amp: bool | torch.dtype | None = False) -> float:
+    """Median seconds of one forward of ``model`` on ``x`` over ``iters`` timed calls.
+
+    ``amp``: False/None for fp32, a dtype to autocast to, or True for the device's usual half type."""
     times = []
-    with ctx:
+    with _autocast(x.device, amp):
         for _ in range(warmup):
             model(x)
         for _ in range(iters):
@@ -62,6 +107,143 @@ def time_forward(model: nn.Module, x: torch.Tensor, warmup: int, iters: int, amp
             _sync(x.device)
             times.append(time.perf_counter() - start)
     return statistics.median(times)
+
+
+def spread(values: list[float]) -> float:
+    """``(max - min) / median`` of repeated measurements (0.0 for one): how far repeats disagree."""
+    if len(values) < 2:
+        return 0.0
+    return (max(values) - min(values)) / statistics.median(values)
+
+
+def _prepared(models: Mapping[str, nn.Module], cfg: MeasureConfig) -> dict[str, nn.Module]:
+    out = {}
+    for name, model in models.items():
+        model.eval()
+        out[name] = torch.compile(model, dynamic=False) if cfg.compile else model
+    return out
+
+
+@torch.no_grad()
+def time_rounds(
+    models: Mapping[str, nn.Module], x: torch.Tensor, cfg: MeasureConfig, warmup: int | None = None, iters: int | None = None,
+) -> dict[str, list[float]]:
+    """Seconds per forward of each (already prepared) model on ``x``, one median per round.
+
+    Every round times every model (``warmup`` untimed calls, then the median of ``iters`` timed
+    ones); the order rotates by one model each round. Each model runs once before the first round
+    (where ``torch.compile`` compiles), untimed."""
+    warmup = cfg.warmup if warmup is None else warmup
+    iters = cfg.iters if iters is None else iters
+    amp = cfg.autocast_dtype(x.device)
+    names = list(models)
+    with _autocast(x.device, amp):
+        for name in names:
+            models[name](x)
+    out: dict[str, list[float]] = {n: [] for n in names}
+    for r in range(cfg.rounds):
+        shift = r % len(names)
+        for name in names[shift:] + names[:shift]:
+            out[name].append(time_forward(models[name], x, warmup, iters, amp))
+    return out
+
+
+def _summary(seconds: dict[str, list[float]], batch: int, prefix_of: Mapping[str, str]) -> dict[str, float]:
+    """Flat figures of timed rounds: per model ``<p>latency_ms`` (one forward of ``batch``),
+    ``<p>throughput_ips`` and their spreads."""
+    out: dict[str, float] = {}
+    for name, s in seconds.items():
+        p = prefix_of[name]
+        ips = [batch / t for t in s]
+        out[f"{p}latency_ms"] = statistics.median(s) * 1e3
+        out[f"{p}latency_spread"] = spread(s)
+        out[f"{p}throughput_ips"] = statistics.median(ips)
+        out[f"{p}throughput_spread"] = spread(ips)
+    return out
+
+
+def _ratios(seconds: dict[str, list[float]], name: str, reference: str) -> list[float]:
+    """Round by round: the reference's seconds over ``name``'s (> 1: ``name`` is faster)."""
+    return [d / s for d, s in zip(seconds[reference], seconds[name])]
+
+
+def bench_models(
+    models: Mapping[str, nn.Module], image_shape: tuple[int, int, int], device: torch.device, cfg: MeasureConfig,
+    batch: int | None = None, reference: str = "dense", gflops: bool = True,
+) -> dict[str, dict[str, float]]:
+    """Several models timed interleaved at one ``batch`` (default ``cfg.batch_size``) beside ``reference``.
+
+    Returns per model: ``latency_ms`` (one forward of the batch, median over rounds),
+    ``throughput_ips``, their ``*_spread``, ``gflops``; and for every other model ``speedup`` (its
+    throughput over the reference's, per round, median), ``speedup_min``/``speedup_max``/``speedup_spread``,
+    ``flops_bound`` (reference GFLOPs over its own) and ``efficiency`` (speed-up over bound).
+    """
+    if reference not in models:
+        raise ValueError(f"reference model {reference!r} is not among {list(models)}")
+    batch = cfg.batch_size if batch is None else batch
+    x = torch.randn(batch, *image_shape, device=device)
+    seconds = time_rounds(_prepared(models, cfg), x, cfg)
+    out = {}
+    for name in models:
+        row = _summary({name: seconds[name]}, batch, {name: ""})
+        if gflops:
+            row["gflops"] = count_gflops(models[name], image_shape, device)
+        if name != reference:
+            r = _ratios(seconds, name, reference)
+            row.update(speedup=statistics.median(r), speedup_min=min(r), speedup_max=max(r), speedup_spread=spread(r))
+        out[name] = row
+    if gflops:
+        for name, row in out.items():
+            if name != reference:
+                row["flops_bound"] = out[reference]["gflops"] / row["gflops"]
+                row["efficiency"] = row["speedup"] / row["flops_bound"]
+    return out
+
+
+def bench_pair(
+    sparse: nn.Module, dense: nn.Module, image_shape: tuple[int, int, int], device: torch.device, cfg: MeasureConfig,
+    batch: int | None = None,
+) -> dict[str, float]:
+    """``sparse`` beside ``dense`` at one ``batch`` (``prunetune bench``): flat figures.
+
+    ``latency_ms``/``dense_latency_ms`` (one forward of the batch), ``throughput_ips``/
+    ``dense_throughput_ips``, each with ``*_spread``; ``speedup`` (sparse over dense throughput,
+    per-round ratio, median) with ``speedup_min``/``speedup_max``/``speedup_spread``; ``gflops``,
+    ``dense_gflops``, ``flops_bound`` (dense over sparse GFLOPs), ``efficiency`` (speed-up over bound)."""
+    rows = bench_models({"dense": dense, "sparse": sparse}, image_shape, device, cfg, batch)
+    out = dict(rows["sparse"])
+    out.update({f"dense_{k}": v for k, v in rows["dense"].items()})
+    return out
+
+
+@torch.no_grad()
+def profile_ops(model: nn.Module, x: torch.Tensor, cfg: MeasureConfig, iters: int = 5, top: int = 15) -> list[dict[str, float | str]]:
+    """Where one forward's time goes: ``torch.profiler`` over ``iters`` forwards of ``model`` (prepared
+    as for timing: eval, compiled if ``cfg.compile``, autocast) after a warm-up, the ``top`` operators
+    by self time. Rows: ``op``, ``calls`` and ``self_ms`` per forward, ``share`` of the profiled self time.
+    Host syncs show up as ``aten::item``/``aten::_local_scalar_dense``, copies as ``aten::copy_``."""
+    from torch.profiler import ProfilerActivity, profile
+
+    run = _prepared({"m": model}, cfg)["m"]
+    amp = cfg.autocast_dtype(x.device)
+    cuda = x.device.type == "cuda"
+    with _autocast(x.device, amp):
+        for _ in range(max(1, cfg.warmup)):
+            run(x)
+        _sync(x.device)
+        activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if cuda else [])
+        with profile(activities=activities) as prof:
+            for _ in range(iters):
+                run(x)
+            _sync(x.device)
+    events = prof.key_averages()
+
+    def self_us(e) -> float:
+        return float(getattr(e, "self_device_time_total", 0.0) if cuda else e.self_cpu_time_total)
+
+    total = sum(self_us(e) for e in events) or 1.0
+    rows = sorted(events, key=self_us, reverse=True)[:top]
+    return [{"op": e.key, "calls": e.count / iters, "self_ms": self_us(e) / 1e3 / iters, "share": self_us(e) / total} for e in rows]
 
 
 def _sdpa_flop_jit(inputs, outputs) -> int:
@@ -111,33 +293,39 @@ def measure_pair(
     device: torch.device,
     cfg: MeasureConfig = MeasureConfig(),
 ) -> dict[str, float]:
-    """Latency, throughput and GFLOPs of ``sparse`` beside ``dense``, measured here, now.
+    """Latency, throughput and GFLOPs of ``sparse`` beside ``dense``, measured here, now (what a trial records).
 
     Returns:
-        ``latency_ms`` (batch 1, median), ``throughput_ips`` (images/s at ``cfg.batch_size``),
-        the same two as ``dense_latency_ms``/``dense_throughput_ips``, ``speedup`` (dense latency
-        over sparse latency), ``throughput_ratio``, ``gflops`` and ``dense_gflops``.
+        ``latency_ms`` (batch 1, median over rounds), ``throughput_ips`` (images/s at
+        ``cfg.batch_size``), the same two as ``dense_latency_ms``/``dense_throughput_ips``, each with
+        its ``*_spread`` over rounds; ``speedup`` (dense over sparse latency) and ``throughput_ratio``
+        (sparse over dense throughput), each the median of per-round ratios, with ``speedup_spread``/
+        ``throughput_ratio_spread``; ``gflops``, ``dense_gflops``, ``flops_bound`` (dense over sparse
+        GFLOPs) and ``efficiency`` (throughput ratio over bound). On a noisy machine the ratios are
+        the robust figures: both sides of each come from the same round.
     """
-    models = {"sparse": sparse.eval(), "dense": dense.eval()}
+    names = {"sparse": "", "dense": "dense_"}
+    models = _prepared({"sparse": sparse, "dense": dense}, cfg)
     one = torch.randn(1, *image_shape, device=device)
-    batch = torch.randn(cfg.batch_size, *image_shape, device=device)
-    lat: dict[str, list[float]] = {k: [] for k in models}
-    thr: dict[str, list[float]] = {k: [] for k in models}
-    for _ in range(cfg.rounds):
-        for name, model in models.items():
-            lat[name].append(time_forward(model, one, cfg.warmup, cfg.iters, cfg.amp))
-            thr[name].append(cfg.batch_size / time_forward(model, batch, max(1, cfg.warmup // 2), max(3, cfg.iters // 3), cfg.amp))
-    latency = {k: statistics.median(v) * 1e3 for k, v in lat.items()}
-    throughput = {k: statistics.median(v) for k, v in thr.items()}
+    lat = time_rounds(models, one, cfg)
+    if cfg.batch_size == 1:
+        thr = lat
+    else:
+        batch = torch.randn(cfg.batch_size, *image_shape, device=device)
+        thr = time_rounds(models, batch, cfg, max(1, cfg.warmup // 2), max(3, cfg.iters // 3))
+    by_lat, by_thr = _summary(lat, 1, names), _summary(thr, cfg.batch_size, names)
+    speedup, ratio = _ratios(lat, "sparse", "dense"), _ratios(thr, "sparse", "dense")
     result = {
-        "latency_ms": latency["sparse"],
-        "throughput_ips": throughput["sparse"],
-        "dense_latency_ms": latency["dense"],
-        "dense_throughput_ips": throughput["dense"],
-        "speedup": latency["dense"] / latency["sparse"],
-        "throughput_ratio": throughput["sparse"] / throughput["dense"],
+        "latency_ms": by_lat["latency_ms"], "latency_spread": by_lat["latency_spread"],
+        "throughput_ips": by_thr["throughput_ips"], "throughput_spread": by_thr["throughput_spread"],
+        "dense_latency_ms": by_lat["dense_latency_ms"], "dense_latency_spread": by_lat["dense_latency_spread"],
+        "dense_throughput_ips": by_thr["dense_throughput_ips"], "dense_throughput_spread": by_thr["dense_throughput_spread"],
+        "speedup": statistics.median(speedup), "speedup_spread": spread(speedup),
+        "throughput_ratio": statistics.median(ratio), "throughput_ratio_spread": spread(ratio),
         "gflops": count_gflops(sparse, image_shape, device),
         "dense_gflops": count_gflops(dense, image_shape, device),
     }
+    result["flops_bound"] = result["dense_gflops"] / result["gflops"]
+    result["efficiency"] = result["throughput_ratio"] / result["flops_bound"]
     _logger.info("measured on %s: %s", device, {k: round(v, 4) for k, v in result.items()})
     return result

@@ -75,7 +75,8 @@ from timm.models.vision_transformer import VisionTransformer
 
 from .backbone import CheckpointError
 from ._common import block_forward, fit_backbone, gather_tokens, policy_attention, vit_head, vit_stem
-from .base import Geometry, LossOutput, MethodConfig, MethodOutput, SparsityMethod, TaskLoss, register_method
+from ._common.trace import kept_stage, traced
+from .base import Geometry, LossOutput, MethodConfig, MethodOutput, SparsityMethod, TaskLoss, TokenStage, register_method
 from .dynamicvit import distillation_loss, predictor_param_groups
 from .latency import BlockLatencyTable, device_name, latency_cache_key, token_grid
 
@@ -279,6 +280,7 @@ class SPViT(nn.Module):
     def _forward_infer(self, x: torch.Tensor) -> MethodOutput:
         npre = self.vit.num_prefix_tokens
         n, stage = self.num_patches, 0  # n: patch tokens now; package tokens follow them
+        selections = []  # (block, kept, dropped): indices among the n patch tokens before the stage
         for i, blk in enumerate(self.vit.blocks):
             if stage < len(self.pruning_loc) and i == self.pruning_loc[stage]:
                 k = self.keep_counts[stage]
@@ -289,13 +291,14 @@ class SPViT(nn.Module):
                     order = margin.argsort(dim=1, descending=True)
                     patches = x[:, npre:npre + n]
                     keep, drop = order[:, :k], order[:, k:]
+                    selections.append((i, keep, drop))
                     package = package_token(gather_tokens(patches, drop), torch.gather(keep_prob[:, :n], 1, drop))
                     x = torch.cat([x[:, :npre], gather_tokens(patches, keep), x[:, npre + n:], package], dim=1)
                     n = k
                 stage += 1
             x = blk(x)
         logits, tokens = vit_head(self.vit, x[:, :npre + n])
-        return MethodOutput(logits, {"tokens": tokens})
+        return MethodOutput(logits, {"tokens": tokens, "selections": selections})
 
 
 # ------------------------------------------------------------------------------------ latency model
@@ -515,3 +518,21 @@ class SPViTMethod(SparsityMethod[SPViTConfig]):
         if cfg.predicted_dense_latency_ms is not None:
             stats["predicted_dense_latency_ms"] = float(cfg.predicted_dense_latency_ms)
         return stats
+
+    def token_trace(self, model: nn.Module, images: torch.Tensor) -> list[TokenStage]:
+        """Per stage that drops tokens: the kept patches each their own token, and the patches dropped
+        at stage j all in package token j (appended after the kept ones, kept from then on)."""
+        with traced(model) as m:
+            selections = m(images).aux["selections"]
+        b, n = images.shape[0], m.num_patches
+        positions = torch.arange(n, device=images.device).expand(b, n)
+        package = torch.full((b, n), -1, dtype=torch.long, device=images.device)
+        stages = []
+        for j, (block, keep, drop) in enumerate(selections):
+            package = package.scatter(1, positions.gather(1, drop), j)
+            positions = positions.gather(1, keep)
+            stage = kept_stage(block, positions, n)
+            k = keep.shape[1]
+            token = torch.where(package >= 0, k + package, stage.token)
+            stages.append(TokenStage(block, token, f"block {block}: {k} of {n} patches kept, {j + 1} package token(s)"))
+        return stages

@@ -123,7 +123,8 @@ from timm.models.vision_transformer import VisionTransformer
 
 from ._common import block_forward, check_block, gather_tokens, policy_attention, vit_head, vit_stem
 from .backbone import CheckpointError
-from .base import Geometry, Measurement, MethodConfig, MethodOutput, SparsityMethod, StepHooks, register_method
+from ._common.trace import kept_stage, traced
+from .base import Geometry, Measurement, MethodConfig, MethodOutput, SparsityMethod, StepHooks, TokenStage, register_method
 
 __all__ = [
     "SViTEConfig", "S2ViTEConfig", "SViTE", "SViTEHooks", "SViTEExport", "SViTEMethod", "S2ViTEMethod",
@@ -414,12 +415,13 @@ def _gumbel_topk(scores: torch.Tensor, k: int, tau: torch.Tensor) -> torch.Tenso
     return y_hard - y_soft.detach() + y_soft
 
 
-def _select_eval(vit: nn.Module, selector: _TokenSelector, x: torch.Tensor, k: int) -> torch.Tensor:
-    """Eval-mode token selection: keep the prefix tokens and the ``k`` best-scoring patches, in spatial order."""
+def _select_eval(vit: nn.Module, selector: _TokenSelector, x: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Eval-mode token selection: keep the prefix tokens and the ``k`` best-scoring patches, in spatial
+    order. Returns the new sequence and the kept patches' indices ``[B, k]``."""
     npre = vit.num_prefix_tokens
     patches = x[:, npre:]
     keep = selector(patches).topk(k, dim=-1).indices.sort(dim=-1).values
-    return torch.cat([x[:, :npre], gather_tokens(patches, keep)], dim=1)
+    return torch.cat([x[:, :npre], gather_tokens(patches, keep)], dim=1), keep
 
 
 class SViTE(nn.Module):
@@ -522,7 +524,7 @@ class SViTE(nn.Module):
                 x = x * policy.unsqueeze(-1)
                 aux["token_mask"] = keep.detach()
             else:
-                x = _select_eval(self.vit, self.selector, x, self.token_number)
+                x, aux["keep_index"] = _select_eval(self.vit, self.selector, x, self.token_number)
         sliced = self.structured and not self.training
         for blk in self.vit.blocks:
             if sliced:
@@ -573,7 +575,7 @@ class SViTEExport(nn.Module):
     def forward(self, x: torch.Tensor) -> MethodOutput:
         x = vit_stem(self.vit, x)
         if self.selector is not None:
-            x = _select_eval(self.vit, self.selector, x, self.token_number)
+            x, _ = _select_eval(self.vit, self.selector, x, self.token_number)
         x = self.vit.blocks(x)
         logits, tokens = vit_head(self.vit, x)
         return MethodOutput(logits, {"tokens": tokens})
@@ -961,6 +963,14 @@ class _SViTEBase(SparsityMethod):
         if out is None:
             stats.update(_structure_stats(model))
         return stats
+
+    def token_trace(self, model: nn.Module, images: torch.Tensor) -> list[TokenStage] | None:
+        """SViTE+ (``token_number > 0``): the ``k`` patches the selector keeps, once, before block 0; None without it."""
+        if getattr(model, "module", model).selector is None:
+            return None
+        with traced(model) as m:
+            keep = m(images).aux["keep_index"]
+        return [kept_stage(0, keep, m.vit.patch_embed.num_patches)]
 
     def read_reference_state(self, path: str | Path) -> dict[str, torch.Tensor]:
         """The authors' checkpoint file with its sibling mask dicts (``read_reference_checkpoint``), for a

@@ -40,8 +40,8 @@ Differences from the reference:
       list with zeros.
     * With ``global_pool='avg'`` the head averages the patch tokens weighted by their sizes (the
       reference's plain mean ignores them); prunetune's backbones pool the CLS token, as DeiT.
-    * ``trace_source`` (the visualisation's source map) is not implemented; ``aux["sizes"]`` gives
-      each final patch token's size.
+    * ``trace_source`` (the visualisation's source map) is not a model flag: ``ToMeMethod.token_trace``
+      runs the same blocks carrying it; ``aux["sizes"]`` gives each final patch token's size.
 """
 from __future__ import annotations
 
@@ -55,7 +55,8 @@ from torch import nn
 from timm.models.vision_transformer import Block, VisionTransformer
 
 from ._common import fit_backbone, merge_heads, qkv_heads, sdpa, vit_stem
-from .base import Geometry, MethodConfig, MethodOutput, SparsityMethod, register_method
+from ._common.trace import traced
+from .base import Geometry, MethodConfig, MethodOutput, SparsityMethod, TokenStage, register_method
 
 __all__ = [
     "ToMeConfig",
@@ -243,14 +244,26 @@ def tome_block_forward(
     ``sizes`` None means every token has size 1 (no merge has happened yet): no attention bias.
     Returns the block's output tokens and their sizes (None while nothing was merged).
     """
+    x, sizes, _ = _tome_block(blk, x, sizes, r, protected, prop_attn)
+    return x, sizes
+
+
+def _tome_block(
+    blk: Block, x: torch.Tensor, sizes: torch.Tensor | None, r: int, protected: int = 1, prop_attn: bool = True,
+    source: torch.Tensor | None = None,
+) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor | None]:
+    """``tome_block_forward``, also merging ``source`` ``[B, N, M]`` (which of M input tokens each token
+    holds; ToMe's ``trace_source``) by the same matching, when given."""
     out, metric = tome_attention(blk.attn, blk.norm1(x), sizes if prop_attn else None)
     x = x + blk.drop_path1(blk.ls1(out))
     if min(r, (x.shape[1] - protected) // 2) > 0:
         if sizes is None:
             sizes = x.new_ones(x.shape[0], x.shape[1], 1, dtype=torch.float32)
+        if source is not None:  # the matching depends on ``metric`` only: the same merge as ``x``'s
+            source = (bipartite_merge(source, sizes, metric, r, protected)[0] > 0).to(source.dtype)
         x, sizes = bipartite_merge(x, sizes, metric, r, protected)
     x = x + blk.drop_path2(blk.ls2(blk.mlp(blk.norm2(x))))
-    return x, sizes
+    return x, sizes, source
 
 
 # ---------------------------------------------------------------------------------------- the model
@@ -301,6 +314,24 @@ class ToMeMethod(SparsityMethod[ToMeConfig]):
 
     def build_model(self, cfg: ToMeConfig, base: nn.Module) -> nn.Module:
         return ToMeViT(base, cfg)
+
+    def token_trace(self, model: nn.Module, images: torch.Tensor) -> list[TokenStage]:
+        """After each block that merges: the token (group) every input patch has been merged into
+        (ToMe's source map, traced through the same blocks as the forward)."""
+        stages = []
+        with traced(model) as m:
+            vit, npre = m.vit, m.vit.num_prefix_tokens
+            x = vit_stem(vit, images)
+            source = torch.eye(x.shape[1], device=x.device).expand(x.shape[0], -1, -1)
+            sizes = None
+            for i, (blk, r) in enumerate(zip(vit.blocks, m.schedule)):
+                n = x.shape[1]
+                x, sizes, source = _tome_block(blk, x, sizes, r, m.protected, m.cfg.prop_attn, source)
+                if x.shape[1] < n:
+                    token = source[:, npre:, npre:].argmax(dim=1)  # [B, patches]: the token holding each patch
+                    label = f"block {i}: {x.shape[1] - npre} tokens for {token.shape[1]} patches"
+                    stages.append(TokenStage(i, token, label))  # merged between block i's attention and MLP
+        return stages
 
     def convert_reference_state(self, state: dict[str, torch.Tensor], cfg) -> dict[str, torch.Tensor]:
         """A timm/DeiT release (e.g. ``deit_small_patch16_224``'s ``{"model": ...}``) is this model's

@@ -1,4 +1,4 @@
-"""The ``prunetune`` command line: data, sweep, pareto, quickstart, methods, validate.
+"""The ``prunetune`` command line: data, sweep, pipeline, pareto, report, quickstart, methods, validate, eval, bench.
 
 Bad input (a missing file, an unknown method, a malformed search space, an unreachable tracking
 server, ...) ends in one line, ``prunetune: error: ...``, and exit code 2, before anything is
@@ -66,6 +66,18 @@ def _cmd_sweep(args: argparse.Namespace) -> int:
     return _exit_code(outcome)
 
 
+def _cmd_pipeline(args: argparse.Namespace) -> int:
+    from .pipeline import run_pipeline
+
+    outcome = run_pipeline(args.pipeline, resume=args.resume, tracking_uri=args.tracking_uri, address=args.address)
+    print(f"pipeline {outcome.name}: ran {', '.join(outcome.ran) or 'nothing'}; skipped (finished earlier) {', '.join(outcome.skipped) or 'none'}")
+    for name, m in outcome.manifests.items():
+        where = m.get("checkpoint") or m.get("sweep") or ""
+        print(f"  {name}: {m['status']}, MLflow run {m.get('mlflow_run_id')}, {where}")
+    print(f"MLflow: pipeline run {outcome.run_id}")
+    return 0
+
+
 def _exit_code(outcome) -> int:
     """130 for an interrupted sweep (Ctrl+C), 1 when every trial failed, else 0."""
     if outcome.interrupted:
@@ -83,17 +95,22 @@ def _print_outcome(outcome) -> None:
     print(f"\nMLflow: experiment {outcome.experiment!r}, sweep run {outcome.parent_run_id} at {redact(outcome.tracking_uri)}")
     print(f"  browse: mlflow ui --backend-store-uri {redact(outcome.tracking_uri)}" if outcome.tracking_uri.startswith("sqlite") else f"  browse: {redact(outcome.tracking_uri)}")
     print(f"  front:  prunetune pareto --experiment {outcome.experiment} --tracking-uri {redact(outcome.tracking_uri)}")
+    if getattr(outcome, "study_storage", None):
+        from .study import dashboard_command
+
+        print(f"  optuna: {dashboard_command(outcome.study_storage)}  (study {outcome.name!r})")
 
 
-def _cmd_pareto(args: argparse.Namespace) -> int:
-    from . import fronts
+def _compare(args: argparse.Namespace):
+    """(tracking URI, selection, FrontReport) for the selection options ``pareto`` and ``report`` share."""
+    from . import fronts, run_cache
     from .tracking import check_reachable, resolve_uri
 
     def split(values: list[str] | None) -> list[str]:  # repeatable options that also take comma-separated values
         return [v.strip() for item in values or [] for v in item.split(",") if v.strip()]
 
     if not args.experiment and not args.sweep:
-        raise UserError("pareto needs --experiment NAME or --sweep RUN_ID (each repeatable)")
+        raise UserError(f"{args.command} needs --experiment NAME or --sweep RUN_ID (each repeatable)")
     objectives = [fronts.parse_objective(o) for o in args.objective or []]
     reference = fronts.parse_reference(args.reference)
     uri = resolve_uri(args.tracking_uri)
@@ -103,18 +120,55 @@ def _cmd_pareto(args: argparse.Namespace) -> int:
     selection = fronts.read_selection(
         uri, experiments=args.experiment or [], sweeps=args.sweep or [], method=split(args.method),
         backbone=split(args.backbone), device=split(args.device),
+        cache=None if getattr(args, "no_cache", False) else run_cache.default_cache_dir(), refresh=getattr(args, "refresh", False),
     )
     report = fronts.compare(
-        selection, objectives or None, budget_ms=args.budget_ms, reference=reference, experiments=args.experiment or [],
+        selection, objectives or None, budget_ms=getattr(args, "budget_ms", None), reference=reference, experiments=args.experiment or [],
         mixed_devices=args.mixed_devices,
     )
+    return uri, selection, report
+
+
+def _cmd_pareto(args: argparse.Namespace) -> int:
+    from . import fronts
+
+    uri, selection, report = _compare(args)
     fmt = "json" if args.json else args.format
+    registered = None
+    if args.register:
+        from .registry import choose_run, register_run
+
+        chosen = choose_run(selection.rows, args.run, args.budget_ms, report.within_budget)
+        registered = register_run(uri, chosen["run_id"], args.register)
+    elif args.run:
+        raise UserError("--run chooses the run to --register; give --register NAME too")
     if fmt == "json":
-        print(json.dumps(fronts.to_json(report), indent=2))
+        out = fronts.to_json(report)
+        if registered:
+            out["registered"] = {"name": registered.name, "version": registered.version, "uri": registered.uri, "run_id": registered.run_id}
+        print(json.dumps(out, indent=2))
     elif fmt == "csv":
         sys.stdout.write(fronts.report_csv(report))
     else:
         print(fronts.format_table(report))
+    if registered:  # csv/json keep stdout machine-readable
+        print(f"registered run {registered.run_id} as {registered.uri} ({registered.serialization})",
+              file=sys.stdout if fmt == "table" else sys.stderr)
+    return 0
+
+
+def _cmd_report(args: argparse.Namespace) -> int:
+    from .report import write_report
+
+    if not args.out and not args.png:
+        raise UserError("report needs --out FILE.html and/or --png FILE.png")
+    if args.images < 0:
+        raise UserError(f"--images must be >= 0, got {args.images}")
+    uri, selection, report = _compare(args)
+    write_report(uri, selection, report, out=args.out, png=args.png, images=args.images)
+    for path in (args.out, args.png):
+        if path:
+            print(f"written: {path}")
     return 0
 
 
@@ -181,6 +235,26 @@ def _cmd_eval(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_bench(args: argparse.Namespace) -> int:
+    from .bench import bench_experiment, format_bench, run_bench
+    from .config import parse_set_args
+
+    exp = bench_experiment(args.method, args.backbone, parse_set_args(args.set))
+    if args.threads:
+        if args.threads < 1:
+            raise UserError(f"--threads must be >= 1, got {args.threads}")
+        import torch
+
+        torch.set_num_threads(args.threads)
+    result = run_bench(
+        exp, batch=args.batch, precision=args.precision, compile=args.compile, device=args.device,
+        checkpoint=args.checkpoint, layout=args.layout, rounds=args.rounds, warmup=args.warmup, iters=args.iters,
+        profile=args.profile,
+    )
+    print(json.dumps(result, indent=2) if args.json else format_bench(result))
+    return 0
+
+
 def _count_classes(data: str) -> int:
     val = Path(data) / "val"
     if not val.is_dir():
@@ -214,6 +288,21 @@ def _short(value: str) -> str:
         return str(value)
 
 
+def _selection_arguments(p: argparse.ArgumentParser) -> None:
+    """The options that choose the runs and objectives of a front (``pareto`` and ``report``)."""
+    p.add_argument("--experiment", action="append", metavar="NAME", help="MLflow experiment: all its sweeps; repeatable")
+    p.add_argument("--sweep", action="append", metavar="RUN_ID", help="a sweep (parent) run id; repeatable; only these sweeps are compared")
+    p.add_argument("--tracking-uri", help="MLflow tracking URI (default: MLflow's default)")
+    p.add_argument("--method", action="append", help="keep runs of this method only (tag method; repeatable or comma-separated)")
+    p.add_argument("--backbone", action="append", help="keep runs of this backbone only (tag backbone)")
+    p.add_argument("--device", action="append", help="keep runs measured on this device (their `device` tag, e.g. from the table's output)")
+    p.add_argument("--mixed-devices", action="store_true", help="combine runs measured on different kinds of device (refused otherwise)")
+    p.add_argument("--objective", action="append", metavar="METRIC:MODE",
+                   help="an objective of the front, e.g. val_top1:max; repeatable (default: the sweeps' recorded objectives, else val_top1:max latency_ms:min)")
+    p.add_argument("--reference", action="append", metavar="METRIC=VALUE",
+                   help="hypervolume reference value of an objective (default: chance accuracy, the dense model's cost)")
+
+
 def _parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="prunetune", description="Accuracy-vs-latency sweeps for sparse vision transformers.")
     p.add_argument("-v", "--verbose", action="store_true", help="debug logging")
@@ -239,28 +328,43 @@ def _parser() -> argparse.ArgumentParser:
             s.add_argument("--address", help="Ray cluster address (default: RAY_ADDRESS, else a local Ray)")
         s.set_defaults(func=func)
 
+    pl = sub.add_parser("pipeline", help="run stages in order (warm-up, fine-tune, sweep), each from the previous one's checkpoint")
+    pl.add_argument("pipeline", help="pipeline YAML file (see pipelines/)")
+    pl.add_argument("--resume", action="store_true", help="continue: skip finished stages, resume the unfinished one; refuse changed inputs")
+    pl.add_argument("--tracking-uri", help="MLflow tracking URI (default: the pipeline's, else MLflow's default)")
+    pl.add_argument("--address", help="Ray cluster address (default: RAY_ADDRESS, else a local Ray)")
+    pl.set_defaults(func=_cmd_pipeline)
+
     pa = sub.add_parser(
         "pareto", help="the Pareto front of one or several sweeps from MLflow, each sweep's hypervolume, a latency budget's best run",
         description="The combined Pareto front of the sweeps of --experiment (all their sweeps) or of the --sweep runs, "
         "with each sweep's hypervolume against one reference point. Runs that did not finish with every objective "
         "measured are ignored (with a warning).",
     )
-    pa.add_argument("--experiment", action="append", metavar="NAME", help="MLflow experiment: all its sweeps; repeatable")
-    pa.add_argument("--sweep", action="append", metavar="RUN_ID", help="a sweep (parent) run id; repeatable; only these sweeps are compared")
-    pa.add_argument("--tracking-uri", help="MLflow tracking URI (default: MLflow's default)")
-    pa.add_argument("--method", action="append", help="keep runs of this method only (tag method; repeatable or comma-separated)")
-    pa.add_argument("--backbone", action="append", help="keep runs of this backbone only (tag backbone)")
-    pa.add_argument("--device", action="append", help="keep runs measured on this device (their `device` tag, e.g. from the table's output)")
-    pa.add_argument("--mixed-devices", action="store_true", help="combine runs measured on different kinds of device (refused otherwise)")
-    pa.add_argument("--objective", action="append", metavar="METRIC:MODE",
-                    help="an objective of the front, e.g. val_top1:max; repeatable (default: the sweeps' recorded objectives, else val_top1:max latency_ms:min)")
-    pa.add_argument("--reference", action="append", metavar="METRIC=VALUE",
-                    help="hypervolume reference value of an objective (default: chance accuracy, the dense model's cost)")
+    _selection_arguments(pa)
     pa.add_argument("--budget-ms", type=float, metavar="X", help="also answer: the most accurate finished run with latency_ms <= X")
     pa.add_argument("--format", choices=["table", "json", "csv"], default="table",
                     help="output (csv: the front's runs, or with --budget-ms the one answering run)")
     pa.add_argument("--json", action="store_true", help="same as --format json")
+    pa.add_argument("--refresh", action="store_true", help="read every run from MLflow again (and cache them anew)")
+    pa.add_argument("--no-cache", action="store_true",
+                    help="neither read nor write the cache of ended runs ($PRUNETUNE_CACHE_DIR, else ~/.cache/prunetune/runs)")
+    pa.add_argument("--register", metavar="NAME",
+                    help="register the chosen run's model (--run, else the --budget-ms answer) in MLflow's Model Registry as a new version of NAME")
+    pa.add_argument("--run", metavar="RUN_ID", help="with --register: the run to register (a finished run compared here; 8+ leading characters do)")
     pa.set_defaults(func=_cmd_pareto)
+
+    rp = sub.add_parser(
+        "report", help="an interactive HTML report of a front (and its PNG): every run per method, the front, the dense reference, what the front models prune",
+        description="The front of the same selection as pareto, as one self-contained HTML page (plotly, works offline): "
+        "accuracy against the cost objective per method, hover with parameters and run ids, links to the MLflow runs, "
+        "and for token methods the tokens each front model keeps or merges on the first validation images.",
+    )
+    _selection_arguments(rp)
+    rp.add_argument("--out", metavar="FILE.html", help="write the HTML report here")
+    rp.add_argument("--png", metavar="FILE.png", help="write the front's static plot here")
+    rp.add_argument("--images", type=int, default=4, help="validation images per front model in the token views (0: none; default 4)")
+    rp.set_defaults(func=_cmd_report)
 
     q = sub.add_parser("quickstart", help="digits + dense tiny ViT + a DynamicViT and ToMe sweep, all in one folder")
     q.add_argument("--out", default="prunetune-quickstart", help="folder for everything it writes")
@@ -282,6 +386,26 @@ def _parser() -> argparse.ArgumentParser:
     e.add_argument("--device", help="torch device (default: cuda if available, else cpu)")
     e.add_argument("--json", action="store_true", help="machine-readable output")
     e.set_defaults(func=_cmd_eval)
+
+    b = sub.add_parser("bench", help="time a method's model beside its dense backbone: throughput, latency, GFLOPs, speed-up vs FLOPs bound")
+    b.add_argument("--method", required=True, help="registered method (see prunetune methods)")
+    b.add_argument("--backbone", required=True, help="timm model name, e.g. deit_small_patch16_224")
+    b.add_argument("--set", action="append", metavar="PARAM=VALUE",
+                   help="a method parameter as prunetune methods names it (keep_ratio=0.7), or model.*/measure.*; repeatable")
+    b.add_argument("--batch", type=int, default=1, help="images per forward (default 1)")
+    b.add_argument("--precision", choices=["fp32", "bf16", "fp16"], default="fp32", help="fp32, or autocast to bf16/fp16")
+    b.add_argument("--compile", action="store_true", help="torch.compile both models (default mode)")
+    b.add_argument("--device", help="torch device (default: cuda if available, else cpu)")
+    b.add_argument("--checkpoint", help="weights: a path or s3:// URI (default: random weights; speed does not depend on them)")
+    b.add_argument("--layout", choices=["auto", "prunetune", "reference"], default="auto", help="checkpoint key layout")
+    b.add_argument("--rounds", type=int, help="interleaved rounds (default: measure.rounds, 3)")
+    b.add_argument("--warmup", type=int, help="untimed calls per round (default: about 10 images' worth)")
+    b.add_argument("--iters", type=int, help="timed calls per round (default: about 30 images' worth, at least 3)")
+    b.add_argument("--threads", type=int, help="torch intra-op threads (default: torch's; 1 is steadier on a shared machine)")
+    b.add_argument("--profile", type=int, default=0, metavar="K",
+                   help="also list each model's K most expensive operators (torch.profiler; gathers, copies, host syncs)")
+    b.add_argument("--json", action="store_true", help="one JSON object")
+    b.set_defaults(func=_cmd_bench)
     return p
 
 

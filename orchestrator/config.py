@@ -33,7 +33,7 @@ from methods import BackboneConfig, create_backbone, Geometry, MeasureConfig, Me
 from .errors import ConfigError
 
 __all__ = [
-    "DataConfig", "TrainConfig", "ResourcesConfig", "Objective", "AshaConfig", "MethodArm", "SweepConfig", "arm_experiment",
+    "DataConfig", "TrainConfig", "NanGuardConfig", "ResourcesConfig", "Objective", "AshaConfig", "MethodArm", "SweepConfig", "arm_experiment",
     "TrackingConfig", "ExperimentConfig", "load_experiment", "experiment_from_dict", "apply_overrides",
     "to_flat_dict", "parse_set_args", "METRICS",
 ]
@@ -67,6 +67,35 @@ class DataConfig:
             raise ValueError(f"holdout must be in (0, 1), got {self.holdout}")
 
 
+NanPolicy = Literal["skip_batch", "lower_lr", "amp_off", "fp32_attention"]
+
+
+@dataclass(frozen=True)
+class NanGuardConfig:
+    """What a run does when a step's loss or gradients are not finite on any rank (``orchestrator.nan_guard``).
+
+    Every rank sees the event in the same step. The n-th event since the last good checkpoint applies
+    ``policies[n]`` (the last one again once the list is used up): ``skip_batch`` drops that step's
+    update; ``lower_lr`` (x ``lr_factor``), ``amp_off`` and ``fp32_attention`` roll the model,
+    optimizer, schedule and scaler back to the last good checkpoint first, and stay on for the rest
+    of the run. Event ``max_retries + 1`` since the last good checkpoint fails the run with the
+    reason; its checkpoints are kept. ``enabled: false``: the first non-finite loss stops the run.
+    """
+
+    enabled: bool = True
+    policies: tuple[NanPolicy, ...] = ("skip_batch", "lower_lr", "amp_off", "fp32_attention")
+    lr_factor: float = 0.5
+    max_retries: int = 4
+
+    def __post_init__(self) -> None:
+        if self.enabled and not self.policies:
+            raise ValueError("nan_guard.policies must name at least one policy (or set nan_guard.enabled: false)")
+        if not 0.0 < self.lr_factor < 1.0:
+            raise ValueError(f"nan_guard.lr_factor must be in (0, 1), got {self.lr_factor}")
+        if self.max_retries < 0:
+            raise ValueError(f"nan_guard.max_retries must be >= 0, got {self.max_retries}")
+
+
 @dataclass(frozen=True)
 class TrainConfig:
     """One training run (per-worker batch; the global batch is ``batch_size * num_workers``).
@@ -90,8 +119,18 @@ class TrainConfig:
     seed: int = 0
     init_checkpoint: str | None = None
     checkpoints_to_keep: int = 2
+    nan_guard: NanGuardConfig = field(default_factory=NanGuardConfig)
+    # Also checkpoint every N optimizer steps inside an epoch (long epochs); 0: at epoch ends only.
+    checkpoint_every_steps: int = 0
+    # Length of the LR schedule in epochs when it outlasts this run (a warm-up stage that a later
+    # stage resumes to the full schedule, e.g. 9 of 300 epochs); None: ``epochs``.
+    schedule_epochs: int | None = None
 
     def __post_init__(self) -> None:
+        if self.checkpoint_every_steps < 0:
+            raise ValueError(f"checkpoint_every_steps must be >= 0, got {self.checkpoint_every_steps}")
+        if self.schedule_epochs is not None and self.schedule_epochs < self.epochs:
+            raise ValueError(f"schedule_epochs ({self.schedule_epochs}) must be >= epochs ({self.epochs})")
         if self.epochs < 0:
             raise ValueError(f"epochs must be >= 0 (0: evaluate and measure without training), got {self.epochs}")
         for name in ("batch_size", "checkpoints_to_keep"):
@@ -179,18 +218,50 @@ class SweepConfig:
     max_concurrent_trials: int = 1
     sampler: Literal["tpe", "nsga2", "random"] = "tpe"
     seed: int = 0
+    # Random trials before the sampler models (TPE's n_startup_trials, NSGA-II's population size);
+    # None: Optuna's defaults (10 and 50), i.e. random search for small budgets.
+    startup_trials: int | None = None
     asha: AshaConfig | None = None
     points_to_evaluate: tuple[dict, ...] = ()
     max_failures: int = 0
+    # Where the Optuna study lives (``sqlite:///optuna.db``, ``postgresql://user@host/db``), named after
+    # the sweep, for optuna-dashboard and resumes; None: in memory. Passwords come from the
+    # environment (PGPASSWORD, ~/.pgpass), never from the config.
+    study_storage: str | None = None
 
     def __post_init__(self) -> None:
         if not self.objectives:
             raise ValueError("objectives must name at least one metric")
         if self.num_samples < 1 or self.max_concurrent_trials < 1:
             raise ValueError("num_samples and max_concurrent_trials must be >= 1")
+        if self.startup_trials is not None and self.startup_trials < 2:
+            raise ValueError(f"sweep.startup_trials must be >= 2, got {self.startup_trials}")
         names = [a.name for a in self.methods]
         if len(set(names)) != len(names):
             raise ValueError(f"sweep.methods names a method twice: {names}")
+        if self.study_storage is not None:
+            check_study_storage(self.study_storage)
+
+
+_STUDY_SCHEMES = ("sqlite", "postgresql")
+
+
+def check_study_storage(uri: str) -> None:
+    """A ``sweep.study_storage`` URI: ``sqlite:///PATH`` or ``postgresql[+driver]://...``, with no password in it.
+
+    Raises:
+        ValueError: another scheme, or a password written into the URI.
+    """
+    from urllib.parse import urlparse
+
+    parsed = urlparse(uri)
+    scheme = parsed.scheme.split("+", 1)[0]
+    if scheme not in _STUDY_SCHEMES or (scheme == "sqlite" and not uri.startswith("sqlite:///")):
+        raise ValueError(
+            f"study_storage must be sqlite:///PATH or postgresql://USER@HOST/DB, got a {parsed.scheme or 'plain path'!r} URI"
+        )
+    if parsed.password:
+        raise ValueError("study_storage must not contain a password: set PGPASSWORD (or ~/.pgpass) in the environment instead")
 
 
 @dataclass(frozen=True)
@@ -409,9 +480,13 @@ def resolve_paths(exp: ExperimentConfig, base: Path) -> ExperimentConfig:
     uri = exp.tracking.uri
     if uri and uri.startswith("sqlite:///") and not uri.startswith("sqlite:////"):
         uri = "sqlite:///" + absolute(uri[len("sqlite:///"):])
+    study = exp.sweep.study_storage
+    if study and study.startswith("sqlite:///") and not study.startswith("sqlite:////"):
+        study = "sqlite:///" + absolute(study[len("sqlite:///"):])
     return replace(
         exp,
         tracking=replace(exp.tracking, uri=uri),
+        sweep=replace(exp.sweep, study_storage=study),
         storage_path=absolute(exp.storage_path),
         data=replace(exp.data, path=absolute(exp.data.path) or ""),
         model=replace(exp.model, pretrained=absolute(exp.model.pretrained)),

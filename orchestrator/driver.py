@@ -7,6 +7,7 @@ checkpoints. Metrics flow worker -> ``ray.train.report`` -> the callbacks here -
 """
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import logging
@@ -29,8 +30,10 @@ from methods.latency import device_name
 
 from . import loop, storage, worker
 from .config import ExperimentConfig, ResourcesConfig, to_flat_dict
+from .nan_guard import NAN_EVENTS_KEY
+from .outbox import Outbox, outbox_path, wait_for_tracking
 from .search_space import SweepSpace
-from .tracking import REFERENCE_ROLE, ROLE_TAG, SEARCHED_TAG, SWEEP_TAG, TRIAL_TAG, Tracker
+from .tracking import REFERENCE_ROLE, ROLE_TAG, SEARCHED_TAG, SWEEP_TAG, TRIAL_TAG, Tracker, redact
 
 __all__ = ["run_trial", "train_dense", "scaling_config", "MlflowReportCallback", "TrialResources", "measure_reference", "evaluate_here"]
 
@@ -38,6 +41,8 @@ _logger = logging.getLogger(__name__)
 _DRIVER_MEMORY = 512 * 1024**2
 RANKS_TAG = "prunetune.ranks"  # JSON: each rank's rank, world size, node id, device and images seen per epoch
 DEVICE_TAG = "device"  # what rank 0 ran and was measured on (fronts compare only runs of one device)
+NAN_EVENTS_TAG = "prunetune.nan_events"  # JSON: the NaN guard's events (also the artifact nan_events.json)
+FAILURE_TAG = "prunetune.failure"  # why a run failed, in one line (e.g. the NaN guard gave up)
 
 
 def scaling_config(res: ResourcesConfig) -> tuple[ScalingConfig, TorchConfig]:
@@ -52,23 +57,36 @@ def scaling_config(res: ResourcesConfig) -> tuple[ScalingConfig, TorchConfig]:
 
 
 class MlflowReportCallback(UserCallback):
-    """Logs rank 0's reported metrics (and the checkpoint URI) to an MLflow run, step = epoch."""
+    """Logs rank 0's reported metrics (and the checkpoint URI) to an MLflow run, step = epoch.
 
-    def __init__(self, tracker: Tracker, run_id: str) -> None:
+    Through an ``Outbox``: while MLflow is down, the records wait in a local file, in order, and
+    reach MLflow with their own steps and times once it answers again; training never waits.
+    """
+
+    def __init__(self, tracker: Tracker, run_id: str, outbox: Outbox | None = None) -> None:
         self.tracker = tracker
         self.run_id = run_id
+        self.outbox = outbox or Outbox(tracker, run_id, outbox_path(Path(tempfile.gettempdir()) / "prunetune", run_id))
 
     def after_report(self, run_context, metrics: list[dict[str, Any]], checkpoint) -> None:
         reported = metrics[0] if metrics else {}
-        try:
-            log_final(self.tracker, self.run_id, reported)
-            ranks = sorted((json.loads(m[worker.RANK_KEY]) for m in metrics if worker.RANK_KEY in m), key=lambda r: r["rank"])
-            if ranks and all(r.get("train_samples") is not None for r in ranks):  # each rank's epoch: where it ran, what it saw
-                self.tracker.set_tags(self.run_id, {RANKS_TAG: json.dumps(ranks), DEVICE_TAG: ranks[0]["device"]})
-            if checkpoint is not None:
-                self.tracker.set_tags(self.run_id, {"checkpoint_uri": checkpoint.path})
-        except Exception as e:  # a tracking hiccup must not kill training; the checkpoint is safe
-            _logger.warning("MLflow logging failed for run %s: %s", self.run_id, e)
+        tags: dict[str, Any] = {}
+        ranks = sorted((json.loads(m[worker.RANK_KEY]) for m in metrics if worker.RANK_KEY in m), key=lambda r: r["rank"])
+        if ranks and all(r.get("train_samples") is not None for r in ranks):  # each rank's epoch: where it ran, what it saw
+            tags.update({RANKS_TAG: json.dumps(ranks), DEVICE_TAG: ranks[0]["device"]})
+        if checkpoint is not None:
+            tags["checkpoint_uri"] = checkpoint.path
+        if NAN_EVENTS_KEY in reported:  # the NaN guard's events so far (the newest, if the list outgrows a tag)
+            events = json.loads(reported[NAN_EVENTS_KEY])
+            tags[NAN_EVENTS_TAG] = json.dumps(events[-20:])
+        if self.outbox.send(reported, step=int(reported.get("epoch", 0)), tags=tags):
+            try:
+                if loop.TABLES_KEY in reported:
+                    self.tracker.log_tables(self.run_id, json.loads(reported[loop.TABLES_KEY]))
+                if NAN_EVENTS_KEY in reported:
+                    self.tracker.log_text(self.run_id, json.dumps(json.loads(reported[NAN_EVENTS_KEY]), indent=1), "nan_events.json")
+            except Exception as e:  # artifacts are a record, never a reason to stop training
+                _logger.warning("MLflow artifacts not logged for run %s: %s", self.run_id, e)
 
 
 def log_final(tracker: Tracker, run_id: str, reported: dict[str, Any]) -> None:
@@ -83,7 +101,7 @@ def _trainer(exp: ExperimentConfig, stage: str, name: str, storage_path: str, ca
     keep = (exp.pretrain if stage == "pretrain" else exp.train).checkpoints_to_keep
     return TorchTrainer(
         worker.train_fn_per_worker,
-        train_loop_config={"experiment": exp, "stage": stage},
+        train_loop_config={"experiment": exp, "stage": stage, "run_dir": storage.join(storage_path, name)},  # where its checkpoints are
         scaling_config=scaling,
         torch_config=torch_config,
         run_config=ray.train.RunConfig(
@@ -129,9 +147,17 @@ def run_trial(config: dict[str, Any]) -> None:
     trial_id = tune.get_context().get_trial_id()
     tracker = Tracker(config["tracking_uri"], exp.tracking.experiment)
     parent = config["parent_run_id"]
-    run_id = tracker.find_trial_run(parent, trial_id)
+    # MLflow down for a while: the trial waits here for its run rather than failing (training never waits on it).
+    run_id = wait_for_tracking(tracker, f"trial {trial_id}", lambda: tracker.find_trial_run(parent, trial_id))
     if run_id:  # a trial restarted by Ray, or resumed with its sweep: same run, same checkpoints
+        previous = tracker.get_run(run_id)
+        if previous.info.status == "FINISHED" and "latency_ms" in previous.data.metrics:
+            # It finished before its sweep's driver died, after Tune last saved its state: not run again.
+            _logger.info("trial %s finished earlier (MLflow run %s): its recorded result is reused", trial_id, run_id)
+            tune.report(dict(previous.data.metrics))
+            return
         tracker.reopen(run_id)
+        Outbox(tracker, run_id, outbox_path(loop.cache_dir(exp), run_id)).flush()  # what an earlier attempt could not send
         backfill_history(tracker, run_id, storage.join(config["storage_path"], f"trial_{trial_id}"))
     else:
         run_id = tracker.start_run(
@@ -144,15 +170,30 @@ def run_trial(config: dict[str, Any]) -> None:
             },
             parent_id=parent,
         )
+    outbox = Outbox(tracker, run_id, outbox_path(loop.cache_dir(exp), run_id))
     with tracker.ending(run_id):
         if exp.train.epochs == 0:
             tune.report(evaluate_here(exp, tracker, run_id))
             return
         trainer = _trainer(
             exp, "trial", f"trial_{trial_id}", config["storage_path"],
-            callbacks=[TuneReportCallback(), MlflowReportCallback(tracker, run_id)],
+            callbacks=[TuneReportCallback(), MlflowReportCallback(tracker, run_id, outbox)],
         )
-        trainer.fit()
+        try:
+            trainer.fit()
+        except Exception as e:
+            with contextlib.suppress(Exception):  # the reason, in one line, on the run (MLflow may be down too)
+                tracker.set_tags(run_id, {FAILURE_TAG: failure_reason(e)})
+            raise
+        finally:
+            outbox.flush_waiting(timeout=600)  # metrics delayed by an MLflow outage, before the run ends
+
+
+def failure_reason(error: BaseException) -> str:
+    """The line of a (Ray-wrapped) worker error that says why the run failed, e.g. the NaN guard's."""
+    lines = [ln.strip() for ln in str(error).splitlines() if ln.strip()]
+    guard = [ln for ln in lines if "NonFiniteLossError" in ln]
+    return redact((guard or lines or [type(error).__name__])[-1])[:4000]
 
 
 def backfill_history(tracker: Tracker, run_id: str, train_dir: str) -> list[int]:
@@ -195,14 +236,18 @@ def evaluate_here(exp: ExperimentConfig, tracker: Tracker, run_id: str) -> dict[
 def measure_reference(exp: ExperimentConfig, tracker: Tracker, parent_id: str) -> str:
     """The dense backbone, evaluated and measured exactly as trials are (a ToMe-like trial with
     nothing pruned), on one worker's resources, recorded as the sweep's ``reference`` child run."""
-    for run in tracker.children(parent_id):
-        if run.data.tags.get(ROLE_TAG) == REFERENCE_ROLE and run.info.status == "FINISHED":
-            return run.info.run_id  # a resumed sweep measured it already
+    earlier = [r for r in tracker.children(parent_id) if r.data.tags.get(ROLE_TAG) == REFERENCE_ROLE]
+    if any(r.info.status == "FINISHED" for r in earlier):
+        return next(r.info.run_id for r in earlier if r.info.status == "FINISHED")  # a resumed sweep measured it already
     ref = replace(exp, method="dense", method_config=DenseConfig(), train=replace(exp.train, epochs=0), sweep=replace(exp.sweep, methods=()))
-    run_id = tracker.start_run(
-        "dense_reference", params=to_flat_dict(ref),
-        tags={ROLE_TAG: REFERENCE_ROLE, "method": "dense", "backbone": exp.model.name}, parent_id=parent_id,
-    )
+    if earlier:  # its measurement was cut short (the driver was killed): measured again, in the same run
+        run_id = earlier[0].info.run_id
+        tracker.reopen(run_id)
+    else:
+        run_id = tracker.start_run(
+            "dense_reference", params=to_flat_dict(ref),
+            tags={ROLE_TAG: REFERENCE_ROLE, "method": "dense", "backbone": exp.model.name}, parent_id=parent_id,
+        )
     res = exp.resources
     task = ray.remote(evaluate_here).options(num_cpus=res.cpus_per_worker, num_gpus=res.gpus_per_worker or 0)
     with tracker.ending(run_id):
@@ -234,7 +279,7 @@ def train_dense(exp: ExperimentConfig, tracker: Tracker) -> str:
     _logger.info("training the dense %s first (%d epochs): it is the starting point and teacher", exp.model.name, exp.pretrain.epochs)
     flat = {k: v for k, v in to_flat_dict(exp).items() if not k.startswith(("train.", "sweep."))}
     run_id = tracker.start_run(name, params={**flat, "method": "dense"}, tags={ROLE_TAG: "pretrain", "method": "dense", "backbone": exp.model.name})
-    trainer = _trainer(exp, "pretrain", name, exp.storage_path, callbacks=[MlflowReportCallback(tracker, run_id)])
+    trainer = _trainer(exp, "pretrain", name, exp.storage_path, callbacks=[MlflowReportCallback(tracker, run_id, Outbox(tracker, run_id, outbox_path(loop.cache_dir(exp), run_id)))])
     with tracker.ending(run_id):
         result = trainer.fit()
         with result.checkpoint.as_directory() as d:

@@ -23,8 +23,10 @@ import math
 import numbers
 from collections import Counter
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any, Sequence
 
+from . import run_cache
 from .errors import UserError
 from .pareto import METRIC_MODES, hypervolume, nadir, pareto_mask, reference_point
 from .tracking import (
@@ -140,12 +142,24 @@ def _sweep_info(run, experiment: str) -> SweepInfo:
     )
 
 
+def _search(tracker: Tracker, filter_string: str, experiment_ids: Sequence[str], cache: Path | None, refresh: bool = False) -> list:
+    """``tracker.search_runs``, or through the on-disk cache of ended runs (``orchestrator.run_cache``)."""
+    if cache is None:
+        return tracker.search_runs(filter_string, experiment_ids)
+    records = [r for i in experiment_ids for r in run_cache.search_runs_cached(tracker, i, filter_string, cache, refresh)]
+    return [run_cache.as_run(r) for r in run_cache.order(records)]
+
+
+@run_cache.gc_paused()  # thousands of acyclic rows: collections would only rescan them
 def read_selection(
     uri: str, experiments: Sequence[str] = (), sweeps: Sequence[str] = (), method: Sequence[str] = (),
-    backbone: Sequence[str] = (), device: Sequence[str] = (),
+    backbone: Sequence[str] = (), device: Sequence[str] = (), cache: Path | None = None, refresh: bool = False,
 ) -> Selection:
     """The sweeps and runs to compare: the sweep runs ``sweeps`` if any are given (each must then
     lie in one of ``experiments``, when those are given too), else every sweep of ``experiments``.
+    ``cache``: a directory where ended trial and reference runs are kept between reads
+    (``orchestrator.run_cache``; the same rows, read again only where they changed; ``refresh``:
+    everything read again and cached anew); sweep runs are always read afresh.
 
     Raises:
         TrackingError/UserError: an unknown experiment or run, a run that is not a sweep, or nothing to compare.
@@ -167,14 +181,14 @@ def read_selection(
                 raise UserError(f"--sweep {run_id}: that sweep is not in experiment {', '.join(map(repr, experiments))}")
             names.setdefault(exp_id, tracker.experiment_name(exp_id))
             infos[run_id] = _sweep_info(parent, names[exp_id])
-            runs += tracker.search_runs(f"tags.`{PARENT_TAG}` = '{_quote(run_id)}'", [exp_id])
+            runs += _search(tracker, f"tags.`{PARENT_TAG}` = '{_quote(run_id)}'", [exp_id], cache, refresh)
         runs = [r for r in runs if r.data.tags.get(ROLE_TAG) in _ROLES]
     else:
         ids = list(exp_ids.values())
         for parent in tracker.search_runs(f"tags.`{ROLE_TAG}` = 'sweep'", ids, order_by=["attributes.start_time ASC"]):
             infos[parent.info.run_id] = _sweep_info(parent, names[parent.info.experiment_id])
         for role in _ROLES:
-            runs += tracker.search_runs(_tag_filter(role, method, backbone), ids)
+            runs += _search(tracker, _tag_filter(role, method, backbone), ids, cache, refresh)
         if not infos and not runs:
             raise UserError(f"experiment {', '.join(map(repr, experiments))} has no prunetune sweep")
     rows, left_out = [], Counter()
@@ -184,7 +198,8 @@ def read_selection(
         info = infos.get(parent_id)
         row = _row(run, info.searched if info else [], all_metrics=True)
         row.update(
-            experiment=names.get(run.info.experiment_id, run.info.experiment_id), sweep=info.name if info else tags.get(SWEEP_TAG, ""),
+            experiment=names.get(run.info.experiment_id, run.info.experiment_id), experiment_id=run.info.experiment_id,
+            sweep=info.name if info else tags.get(SWEEP_TAG, ""),
             sweep_run_id=parent_id, backbone=tags.get("backbone", ""), device=tags.get("device", ""),
         )
         reason = _filtered_out(row, method, backbone, device)
@@ -234,6 +249,8 @@ def _objectives_text(objectives) -> str:
 
 
 def _finite(v: Any) -> bool:
+    if type(v) is float:  # what MLflow returns: no ABC check (most of a 10,000-run front's time otherwise)
+        return math.isfinite(v)
     return isinstance(v, numbers.Real) and not isinstance(v, bool) and math.isfinite(v)
 
 

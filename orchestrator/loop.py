@@ -29,6 +29,8 @@ from methods.dense import DenseConfig, DenseViT
 
 from .config import ExperimentConfig, TrainConfig
 from .data import build_calibration_datasets, build_datasets
+from .nan_guard import NanGuard, NonFiniteLossError
+from .resume import ResumableSampler, check_identity, gather_rng_states, loader_seed, seed_everything, set_rng_state
 
 __all__ = ["Run", "build_run", "fit", "restore", "NonFiniteLossError", "Report"]
 
@@ -37,10 +39,6 @@ _logger = logging.getLogger(__name__)
 Stage = Literal["pretrain", "trial"]
 #: ``report(metrics, checkpoint_state)``: state is the dict to checkpoint (rank 0), or None.
 Report = Callable[[dict[str, float], "dict[str, Any] | None"], None]
-
-
-class NonFiniteLossError(FloatingPointError):
-    """The loss became NaN or inf; the run stops instead of training on garbage."""
 
 
 @dataclass
@@ -68,8 +66,15 @@ class Run:
     hooks: StepHooks = field(default_factory=StepHooks)
     epoch: int = 0  # next epoch to train
     step: int = 0  # optimizer steps so far
+    batch: int = 0  # batches of epoch ``epoch`` already trained (a run resumed mid-epoch)
+    epoch_sums: dict[str, float] = field(default_factory=dict)  # that partial epoch's metric sums (and ``_n``, ``_seen``)
+    rng_states: list | None = None  # every rank's generators at the checkpoint, restored when training starts
+    #: ``on_step_checkpoint(state)`` every ``train.checkpoint_every_steps`` steps inside an epoch (all
+    #: ranks call it; ``state`` is None except on rank 0).
+    on_step_checkpoint: Callable[["dict[str, Any] | None"], None] | None = None
     val_set: Any = None  # the whole val split (rank 0 measures over it when the method's cost depends on the input)
     calibration_loader: DataLoader | None = None  # held-out train images, eval transforms (``needs_calibration``)
+    nan_guard: NanGuard | None = None  # ``train.nan_guard`` (``orchestrator.nan_guard``)
 
 
 def build_run(
@@ -86,7 +91,7 @@ def build_run(
     ``exp.method`` on the dense backbone loaded from ``pretrained_path`` (a local file), which is
     also the frozen teacher when the method needs one.
     """
-    torch.manual_seed(exp.train.seed + rank)
+    seed_everything(exp.train.seed + rank)
     base = create_backbone(exp.model)
     if pretrained_path:
         load_backbone_weights(base, pretrained_path)
@@ -108,12 +113,14 @@ def build_run(
         train_ds, calibration_ds, val_ds = build_calibration_datasets(exp.data, img_size[0], exp.train.seed)
     else:
         train_ds, val_ds = build_datasets(exp.data, img_size[0])
-    sampler = DistributedSampler(train_ds, world_size, rank, shuffle=True, seed=train_cfg.seed) if world_size > 1 else None
+    sampler = ResumableSampler(train_ds, world_size, rank, shuffle=True, seed=train_cfg.seed)  # also for one rank: resumable mid-epoch
     pin = device.type == "cuda"
     workers = exp.data.loader_workers
     train_loader = DataLoader(
-        train_ds, batch_size=train_cfg.batch_size, shuffle=sampler is None, sampler=sampler, drop_last=len(train_ds) >= train_cfg.batch_size * world_size,
-        num_workers=workers, pin_memory=pin, persistent_workers=workers > 0,
+        train_ds, batch_size=train_cfg.batch_size, sampler=sampler, drop_last=len(train_ds) >= train_cfg.batch_size * world_size,
+        # Its own generator, reseeded each epoch (``loader_seed``), and no persistent workers: each epoch's
+        # loader workers are seeded from (seed, rank, epoch) alone, so a resumed run draws as the original.
+        num_workers=workers, pin_memory=pin, generator=torch.Generator(),
     )
     val_shard = Subset(val_ds, range(rank, len(val_ds), world_size))  # disjoint shards, exact counts
     val_loader = DataLoader(val_shard, batch_size=train_cfg.batch_size, num_workers=workers, pin_memory=pin)
@@ -126,11 +133,13 @@ def build_run(
     run.optimizer = torch.optim.AdamW(method.param_groups(raw, method_cfg, train_cfg.lr, train_cfg.weight_decay), lr=train_cfg.lr)
     steps = len(train_loader)
     run.scheduler = CosineLRScheduler(
-        run.optimizer, t_initial=max(1, train_cfg.epochs * steps), lr_min=train_cfg.min_lr,
+        run.optimizer, t_initial=max(1, (train_cfg.schedule_epochs or train_cfg.epochs) * steps), lr_min=train_cfg.min_lr,
         warmup_t=int(train_cfg.warmup_epochs * steps), warmup_lr_init=train_cfg.min_lr, t_in_epochs=False,
     )
     run.scaler = torch.amp.GradScaler(device.type, enabled=_amp_dtype(run) == torch.float16)
-    run.hooks = method.hooks(raw, method_cfg, run.optimizer, total_steps=train_cfg.epochs * steps)
+    run.hooks = method.hooks(raw, method_cfg, run.optimizer, total_steps=(train_cfg.schedule_epochs or train_cfg.epochs) * steps)
+    run.nan_guard = NanGuard(train_cfg.nan_guard)
+    run.nan_guard.attach(run)
     return run
 
 
@@ -159,22 +168,41 @@ def _amp_dtype(run: Run) -> torch.dtype | None:
     return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
 
 
-def checkpoint_state(run: Run, metrics: dict[str, float]) -> dict[str, Any]:
-    """What a checkpoint holds: enough to resume this run exactly where it stopped."""
+def checkpoint_state(run: Run, metrics: dict[str, float], mid_epoch: bool = False) -> dict[str, Any] | None:
+    """What a checkpoint holds: enough to resume this run exactly where it stopped (model with the
+    method's buffers such as DST masks, optimizer, LR-schedule position, AMP scaler, epoch and
+    batch inside it, sampler epoch, every rank's generators). A collective under DDP (the ranks'
+    generator states are gathered): every rank calls it; ranks other than 0 get None."""
+    rngs = gather_rng_states(run.device)
+    if run.rank != 0:
+        return None
     return {
         "model": run.raw.state_dict(),
         "optimizer": run.optimizer.state_dict(),
+        "scheduler": run.scheduler.state_dict(),
         "scaler": run.scaler.state_dict(),
         "epoch": run.epoch - 1,  # the last finished epoch
+        "batch": run.batch if mid_epoch else 0,  # batches done of epoch ``epoch + 1``
+        "epoch_sums": dict(run.epoch_sums) if mid_epoch else {},
         "step": run.step,
+        "sampler_epoch": run.epoch if mid_epoch else run.epoch - 1,
+        "world_size": run.world_size,
+        "rng": rngs,
         "stage": run.stage,
         "method": run.method.name,
+        "backbone": run.exp.model.name,
         "metrics": metrics,
+        "nan_guard": run.nan_guard.state_dict(),
     }
 
 
-def restore(run: Run, state: dict[str, Any]) -> None:
-    """Continue from a checkpoint state (the run's own, or an ``init_checkpoint`` warm-up)."""
+def restore(run: Run, state: dict[str, Any], where: str = "checkpoint") -> None:
+    """Continue from a checkpoint state (the run's own, or an ``init_checkpoint`` warm-up).
+
+    Raises:
+        CheckpointMismatchError: the checkpoint is of another method or backbone.
+    """
+    check_identity(state, run.method.name, run.exp.model.name, where)
     run.raw.load_state_dict(state["model"])
     if "optimizer" in state:
         run.optimizer.load_state_dict(state["optimizer"])
@@ -182,33 +210,53 @@ def restore(run: Run, state: dict[str, Any]) -> None:
         run.scaler.load_state_dict(state["scaler"])
     run.epoch = int(state.get("epoch", -1)) + 1
     run.step = int(state.get("step", 0))
+    run.batch = int(state.get("batch", 0))
+    run.epoch_sums = dict(state.get("epoch_sums", {}))
     run.scheduler.step_update(run.step)
-    _logger.info("resuming %s at epoch %d (step %d)", run.stage, run.epoch, run.step)
+    rngs = state.get("rng")
+    if rngs and len(rngs) == run.world_size:
+        run.rng_states = rngs  # applied when training starts (building the run drew random numbers since)
+    elif rngs:
+        _logger.warning("checkpoint of %d ranks resumed on %d: generators reseeded, not restored", len(rngs), run.world_size)
+    run.nan_guard.load_state_dict(state.get("nan_guard"), run)  # a lowered LR, AMP off, ...: kept
+    _logger.info("resuming %s at epoch %d, batch %d (step %d)", run.stage, run.epoch, run.batch, run.step)
 
 
 def train_one_epoch(run: Run) -> dict[str, float]:
     run.model.train()
     sampler = run.train_loader.sampler
-    if isinstance(sampler, DistributedSampler):
+    if isinstance(sampler, ResumableSampler):
+        sampler.set_position(run.epoch, run.batch * run.train_cfg.batch_size)
+    elif isinstance(sampler, DistributedSampler):
         sampler.set_epoch(run.epoch)
+    if run.train_loader.generator is not None:
+        run.train_loader.generator.manual_seed(loader_seed(run.train_cfg.seed, run.rank, run.epoch))
+    if run.rng_states is not None:  # resumed: continue every generator where the checkpoint left it
+        set_rng_state(run.rng_states[run.rank], run.device)
+        run.rng_states = None
     task_loss = nn.CrossEntropyLoss(label_smoothing=run.train_cfg.label_smoothing)
     amp = _amp_dtype(run)
-    sums: dict[str, float] = {}
-    n = seen = 0
+    sums: dict[str, float] = {k: v for k, v in run.epoch_sums.items() if not k.startswith("_")}
+    n, seen = int(run.epoch_sums.get("_n", 0)), int(run.epoch_sums.get("_seen", 0))
+    every = run.train_cfg.checkpoint_every_steps
+    steps = len(run.train_loader)
     start = time.perf_counter()
     for images, target in run.train_loader:
         images, target = images.to(run.device, non_blocking=True), target.to(run.device, non_blocking=True)
-        with torch.autocast(run.device.type, dtype=amp) if amp else nullcontext():
+        with torch.autocast(run.device.type, dtype=amp) if amp else nullcontext(), run.nan_guard.autocast_context(run):
             teacher_out = None
             if run.teacher is not None:
                 with torch.no_grad():
                     teacher_out = run.teacher(images)
             out = run.model(images)
             loss = run.method.loss(out, target, run.method_cfg, task_loss, teacher=teacher_out)
-        if not torch.isfinite(loss.total):
-            raise NonFiniteLossError(f"non-finite loss {loss.total.item()} at epoch {run.epoch}, step {run.step} ({run.stage})")
+        total = run.nan_guard.loss_for_test(run, loss.total)
         run.optimizer.zero_grad(set_to_none=True)
-        run.scaler.scale(loss.total).backward()
+        run.scaler.scale(total).backward()
+        if not run.nan_guard.step_is_finite(run, total):  # all ranks agree, in this step
+            run.nan_guard.on_nonfinite(run, total, run.batch)  # skips this batch, or rolls back and raises
+            run.batch += 1
+            continue
         run.hooks.after_backward(run.step)
         if run.train_cfg.grad_clip:
             run.scaler.unscale_(run.optimizer)
@@ -224,6 +272,12 @@ def train_one_epoch(run: Run) -> dict[str, float]:
             sums[k] = sums.get(k, 0.0) + float(v)
         n += 1
         seen += len(target)
+        run.batch += 1
+        if every and run.on_step_checkpoint is not None and run.step % every == 0 and run.batch < steps:
+            run.epoch_sums = {**sums, "_n": n, "_seen": seen}
+            run.on_step_checkpoint(checkpoint_state(run, {"epoch": run.epoch, "step": run.step}, mid_epoch=True))
+            run.nan_guard.mark_good(run, f"epoch {run.epoch}, step {run.step}")
+    run.batch, run.epoch_sums = 0, {}
     metrics = {k: v / max(n, 1) for k, v in sums.items()}
     metrics["train_samples"] = seen  # this rank's images this epoch (its DistributedSampler shard)
     metrics["epoch_time_s"] = time.perf_counter() - start
@@ -268,17 +322,19 @@ def fit(run: Run, report: Report) -> dict[str, float]:
     metrics: dict[str, float] = {}
     total = run.train_cfg.epochs
     cost = early_cost(run) if run.epoch < total else {}
+    run.nan_guard.mark_good(run, "the run's start" if run.step == 0 else f"epoch {run.epoch - 1}, step {run.step}")
     while run.epoch < total:
-        train = train_one_epoch(run)
+        train = run.nan_guard.train_epoch(run, train_one_epoch)  # an epoch rolled back by the NaN guard starts again
         run.hooks.on_epoch_end(run.epoch)
-        metrics = {"epoch": run.epoch, **train, **evaluate(run), **cost}
+        metrics = {"epoch": run.epoch, **train, **evaluate(run), **cost, **run.nan_guard.report_metrics()}
         run.epoch += 1
         if run.rank == 0:
             _logger.info(
                 "%s epoch %d/%d: train_loss %.4f, val_top1 %.2f%% (%.1fs)",
                 run.stage, run.epoch, total, metrics["train_loss"], metrics["val_top1"], metrics["epoch_time_s"],
             )
-        report(metrics, checkpoint_state(run, metrics) if run.rank == 0 else None)
+        report(metrics, checkpoint_state(run, metrics))
+        run.nan_guard.mark_good(run, f"epoch {run.epoch - 1}")
     calibrated: dict[str, float] = {}
     if run.stage == "trial" and run.calibration_loader is not None:
         run.raw.eval()

@@ -17,7 +17,7 @@ def _values(point: Mapping[str, float], objectives: Sequence[tuple[str, str]]) -
     out = []
     for metric, mode in objectives:
         v = point.get(metric)
-        if not isinstance(v, numbers.Real) or math.isnan(v):  # Real: numpy scalars count too
+        if (type(v) is not float and not isinstance(v, numbers.Real)) or math.isnan(v):  # Real: numpy scalars too (floats: no ABC check)
             return None
         out.append(float(v) if mode == "max" else -float(v))
     return out

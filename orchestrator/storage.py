@@ -14,7 +14,7 @@ from urllib.parse import urlparse
 
 from .errors import UserError
 
-__all__ = ["is_s3", "fetch", "upload", "join", "exists", "list_dirs"]
+__all__ = ["is_s3", "fetch", "upload", "join", "exists", "list_dirs", "remove_prefix", "check_bucket"]
 
 _logger = logging.getLogger(__name__)
 _CACHE = Path(os.environ.get("PRUNETUNE_CACHE", Path(tempfile.gettempdir()) / "prunetune-cache"))
@@ -42,8 +42,9 @@ def join(base: str, *parts: str) -> str:
     return str(Path(base, *parts))
 
 
-def fetch(uri: str) -> Path:
-    """A local path holding ``uri``: the path itself, or an ``s3://`` object downloaded to a cache.
+def fetch(uri: str, cache: bool = True) -> Path:
+    """A local path holding ``uri``: the path itself, or an ``s3://`` object downloaded to a cache
+    (``cache=False``: downloaded afresh, for objects that may be rewritten or must be verified).
 
     Raises:
         UserError: the local file or the S3 object does not exist or cannot be read.
@@ -57,7 +58,7 @@ def fetch(uri: str) -> Path:
 
     bucket, key = _split(uri)
     dest = _CACHE / hashlib.sha256(uri.encode()).hexdigest()[:16] / Path(key).name
-    if dest.is_file():
+    if dest.is_file() and cache:
         return dest
     dest.parent.mkdir(parents=True, exist_ok=True)
     tmp = dest.with_suffix(dest.suffix + ".part")
@@ -104,6 +105,21 @@ def exists(uri: str) -> bool:
     return True
 
 
+def remove_prefix(uri: str) -> None:
+    """Delete every object under an ``s3://`` prefix (a checkpoint folder)."""
+    from botocore.exceptions import BotoCoreError, ClientError
+
+    bucket, key = _split(uri.rstrip("/") + "/")
+    client = _client()
+    try:
+        for page in client.get_paginator("list_objects_v2").paginate(Bucket=bucket, Prefix=key):
+            objects = [{"Key": o["Key"]} for o in page.get("Contents", [])]
+            if objects:
+                client.delete_objects(Bucket=bucket, Delete={"Objects": objects})
+    except (BotoCoreError, ClientError) as e:
+        _logger.warning("cannot delete %s: %s", uri, _short(e))
+
+
 def list_dirs(uri: str) -> list[str]:
     """Names of the folders directly under a local path or an ``s3://`` prefix (empty if there is none)."""
     if not is_s3(uri):
@@ -119,6 +135,43 @@ def list_dirs(uri: str) -> list[str]:
     except (BotoCoreError, ClientError) as e:
         raise UserError(f"cannot list {uri!r}: {_short(e)}") from None
     return sorted(names)
+
+
+def check_bucket(uri: str) -> None:
+    """Fail fast, in one line, when the bucket of an ``s3://`` URI cannot be used from here: missing,
+    no credentials in the environment, access denied, endpoint unreachable. Local paths pass.
+
+    Raises:
+        UserError: naming the bucket and the endpoint, never a credential.
+    """
+    if not is_s3(uri):
+        return
+    import boto3
+    from botocore.config import Config
+    from botocore.exceptions import BotoCoreError, ClientError, EndpointConnectionError, NoCredentialsError
+
+    bucket, _ = _split(uri)
+    # A fresh session: the environment as it is now (the default session caches the credentials it found).
+    client = boto3.session.Session().client("s3", config=Config(connect_timeout=5, read_timeout=15, retries={"max_attempts": 2}))
+    where = f"bucket {bucket!r} at {client.meta.endpoint_url}"
+    try:
+        client.head_bucket(Bucket=bucket)
+    except NoCredentialsError:
+        raise UserError(
+            f"{uri!r}: no S3 credentials in the environment (AWS_ACCESS_KEY_ID and AWS_SECRET_ACCESS_KEY, "
+            "a profile or a role; never in the config)"
+        ) from None
+    except ClientError as e:
+        code = str(e.response.get("Error", {}).get("Code", ""))
+        if code in ("404", "NoSuchBucket", "NotFound"):
+            raise UserError(f"{uri!r}: {where} does not exist") from None
+        if code in ("403", "AccessDenied", "InvalidAccessKeyId", "SignatureDoesNotMatch"):
+            raise UserError(f"{uri!r}: {where} refused these credentials (HTTP {code})") from None
+        raise UserError(f"{uri!r}: {where}: {_short(e)}") from None
+    except EndpointConnectionError:
+        raise UserError(f"{uri!r}: S3 endpoint {client.meta.endpoint_url} is unreachable (AWS_ENDPOINT_URL?)") from None
+    except BotoCoreError as e:
+        raise UserError(f"{uri!r}: {where}: {_short(e)}") from None
 
 
 def _short(e: Exception) -> str:

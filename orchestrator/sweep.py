@@ -19,8 +19,9 @@ from ray.tune.search.optuna import OptunaSearch
 
 from methods import CheckpointError, create_backbone, get_method, load_backbone_weights
 
-from . import driver, storage
-from .config import ExperimentConfig, SweepConfig, to_flat_dict
+from . import cluster, driver, report, storage, study
+from .console import quiet_worker_logs
+from .config import ExperimentConfig, SweepConfig, apply_overrides, to_flat_dict
 from .data import check_image_folder
 from .errors import UserError
 from .errors import ConfigError
@@ -36,6 +37,7 @@ __all__ = ["run_sweep", "SweepOutcome", "init_ray"]
 
 _logger = logging.getLogger(__name__)
 _PARAMS = "params"
+RECONCILED_TAG = "prunetune.reconciled"  # a run a killed driver left RUNNING, ended by the resumed sweep
 
 #: Settings the sweep's driver process needs (the Tune controller runs there). They are set in this
 #: process's environment, which a local Ray inherits; ray.init gets no runtime_env, so a
@@ -56,6 +58,12 @@ class SweepOutcome:
     errors: int
     stopped_early: int = 0
     interrupted: bool = False
+    study_storage: str | None = None  # where the Optuna study (named after the sweep) lives, if not in memory
+
+
+def _verbose() -> bool:
+    """``prunetune -v``: keep Ray's and Tune's own console output as it is."""
+    return logging.getLogger().isEnabledFor(logging.DEBUG)
 
 
 def init_ray(address: str | None = None) -> None:
@@ -63,7 +71,19 @@ def init_ray(address: str | None = None) -> None:
     os.environ.update(_DRIVER_ENV)
     if ray.is_initialized():
         return
-    ray.init(address=address or os.environ.get("RAY_ADDRESS"), logging_level=logging.WARNING)
+    cluster.connect(address, logging_level=logging.WARNING)  # one line for a wrong address or token
+    if not _verbose():
+        quiet_worker_logs()  # Ray's per-report/per-checkpoint lines stay in its log files only
+
+
+def _check_cluster(exp: ExperimentConfig, space: SweepSpace, uri: str) -> None:
+    """Every arm's trial fits the cluster, and every other node reaches the tracking store and the storage."""
+    base = [(a.method, apply_overrides(a.experiment, a.space.fixed())) for a in space.arms]  # with fixed values (train.epochs: 0)
+    arms = [(method, e.resources, e.train.epochs == 0) for method, e in base]
+    if not exp.model.pretrained and any(get_method(m).needs_pretrained for m in space.methods()):
+        arms.append(("dense pre-training", exp.resources, False))
+    cluster.check_fits(arms)
+    cluster.check_from_nodes(uri, exp.storage_path)
 
 
 def _check_pretrained(exp: ExperimentConfig) -> None:
@@ -77,14 +97,16 @@ def _check_pretrained(exp: ExperimentConfig) -> None:
 def _sampler(cfg: SweepConfig):
     import optuna
 
+    startup = cfg.startup_trials
     if cfg.sampler == "nsga2":
-        return optuna.samplers.NSGAIISampler(seed=cfg.seed)
+        return optuna.samplers.NSGAIISampler(seed=cfg.seed, **({"population_size": startup} if startup else {}))
     if cfg.sampler == "random":
         return optuna.samplers.RandomSampler(seed=cfg.seed)
-    return optuna.samplers.TPESampler(seed=cfg.seed)
+    return optuna.samplers.TPESampler(seed=cfg.seed, **({"n_startup_trials": startup} if startup else {}))
 
 
-def _searcher(exp: ExperimentConfig, space: SweepSpace) -> OptunaSearch:
+def _searcher(exp: ExperimentConfig, space: SweepSpace, name: str | None = None, storage: Any = None) -> OptunaSearch:
+    """Optuna over ``space``; its study is ``name`` in ``storage`` (an Optuna storage) when given, else in memory."""
     try:
         points = [{f"{_PARAMS}/{k}": v for k, v in space.optuna_point(p).items()} for p in exp.sweep.points_to_evaluate]
     except ConfigError as e:
@@ -95,6 +117,7 @@ def _searcher(exp: ExperimentConfig, space: SweepSpace) -> OptunaSearch:
         mode=[o.mode for o in exp.sweep.objectives],
         sampler=_sampler(exp.sweep),
         points_to_evaluate=points or None,
+        **({"storage": storage, "study_name": name} if storage is not None else {}),
     )
 
 
@@ -119,6 +142,10 @@ def _scheduler(exp: ExperimentConfig, sweep: str, max_epochs: int) -> RecordingA
     )
 
 
+def _short(value: Any) -> str:
+    return f"{value:.4g}" if isinstance(value, float) else str(value)
+
+
 def _trial_method(trial) -> str:
     space: SweepSpace = trial.config["space"]
     return space.arm(trial.config.get(_PARAMS, {})).method
@@ -141,6 +168,11 @@ class _Progress(tune.Callback):
         self.parent = parent
         self.reference = dict(reference or {})  # completed from finished trials' dense_* when the sweep had no reference run
         self.epochs: dict[str, int | None] = {}  # per trial
+
+    def on_trial_start(self, iteration, trials, trial, **info):
+        params = trial.config.get(_PARAMS, {})
+        shown = ", ".join(f"{k.split(':')[-1]}={_short(v)}" for k, v in sorted(params.items()) if k != "method")
+        _logger.info("trial %s (%s) started: %s", trial.trial_id, _trial_method(trial), shown or "no searched parameters")
 
     def on_trial_result(self, iteration, trials, trial, result, **info):
         if "latency_ms" in result and "train_loss" not in result:  # the final report (an epoch's may carry a latency too, for MO-ASHA)
@@ -207,15 +239,37 @@ class _Progress(tune.Callback):
 
 
 def _resumable(tracker: Tracker, name: str, path: str):
-    """The parent run of the interrupted sweep ``name``; a UserError when there is nothing to resume."""
-    if not tune.Tuner.can_restore(path):
-        raise UserError(f"--resume {name}: no sweep state at {redact(path)} (check the config's storage_path)")
+    """The parent run of the interrupted sweep ``name``; a UserError when there is nothing to resume.
+
+    A sweep whose driver died after opening its parent run but before Tune first saved its state has
+    a parent and no Tune state: it is resumed too, with its trials started afresh under that parent
+    (``run_sweep`` checks ``Tuner.can_restore``), rather than leaving a second parent behind.
+    """
     previous = tracker.find_sweep_run(name)
     if previous is None:
+        if not tune.Tuner.can_restore(path):
+            raise UserError(f"--resume {name}: no sweep state at {redact(path)} (check the config's storage_path)")
         raise UserError(f"--resume {name}: experiment {tracker.experiment!r} at {redact(tracker.uri)} has no sweep run named {name!r}")
     if previous.info.status == "FINISHED":
         raise UserError(f"--resume {name}: that sweep already finished (MLflow run {previous.info.run_id})")
     return previous
+
+
+def _reconcile(tracker: Tracker, parent: str) -> list[str]:
+    """End the child runs a killed driver left RUNNING (KILLED, tagged ``prunetune.reconciled``).
+
+    Trials that Tune then resumes reopen their own run (``driver.run_trial``); the others stay ended,
+    and ``finalize_sweep`` records them as interrupted. Returns the run ids it ended.
+    """
+    ended = []
+    for run in tracker.children(parent):
+        if run.info.status == "RUNNING":
+            tracker.end_run(run.info.run_id, "KILLED")
+            tracker.set_tags(run.info.run_id, {RECONCILED_TAG: "true"})
+            ended.append(run.info.run_id)
+    if ended:
+        _logger.info("sweep run %s: %d run(s) left RUNNING by the previous driver ended as KILLED", parent, len(ended))
+    return ended
 
 
 def _check_same_config(name: str, previous, exp: ExperimentConfig) -> None:
@@ -240,6 +294,7 @@ def run_sweep(
         raise UserError("resuming a sweep needs its name")
     uri = resolve_uri(exp.tracking.uri)
     check_reachable(uri)
+    storage.check_bucket(exp.storage_path)  # missing bucket, no credentials: before anything is recorded
     check_image_folder(exp.data.path)
     if exp.model.pretrained:
         _check_pretrained(exp)
@@ -249,7 +304,16 @@ def run_sweep(
     previous = _resumable(tracker, name, sweep_storage) if resume else None
     if previous is not None:
         _check_same_config(name, previous, exp)
+    study_uri = exp.sweep.study_storage
+    optuna_storage = study.open_storage(study_uri, uri) if study_uri else None
+    if optuna_storage is not None and previous is None:
+        study.check_new_study(optuna_storage, name)
+    if previous is None and (same := tracker.find_sweep_run(name)) is not None:  # a second parent of one name
+        raise UserError(f"sweep {name!r} exists already (MLflow run {same.info.run_id}, {same.info.status}); continue it with --resume {name}")
+    restorable = previous is not None and tune.Tuner.can_restore(sweep_storage)
     init_ray(address)
+    _check_cluster(exp, space, uri)
+    cluster.stop_on_sigterm()  # ray job stop: as Ctrl+C
 
     if not exp.model.pretrained and any(get_method(m).needs_pretrained for m in space.methods()):
         exp = replace(exp, model=replace(exp.model, pretrained=driver.train_dense(exp, tracker)))
@@ -259,6 +323,9 @@ def run_sweep(
     if previous is not None:
         parent = previous.info.run_id
         tracker.reopen(parent)
+        _reconcile(tracker, parent)
+        if not restorable:
+            _logger.warning("sweep %s: its driver stopped before Tune saved any state: its trials start afresh under run %s", name, parent)
     else:
         parent = tracker.start_run(
             name,
@@ -270,6 +337,9 @@ def run_sweep(
             },
         )
     _logger.info("sweep %s%s: MLflow run %s in experiment %r at %s", name, " (resumed)" if resume else "", parent, exp.tracking.experiment, redact(uri))
+    if study_uri:
+        tracker.set_tags(parent, study.study_tag(study_uri, name))
+        _logger.info("sweep %s: Optuna study %r; browse it with: %s", name, name, study.dashboard_command(study_uri))
     if exp.model.pretrained:  # without trained weights a dense accuracy would mean nothing
         driver.measure_reference(exp, tracker, parent)
     reference = tracker.hv_reference(parent, objectives)  # chance accuracy, the dense model's cost; recorded on the parent
@@ -280,7 +350,7 @@ def run_sweep(
     # A trial's actor only waits on its workers (memory, no CPU), unless it evaluates in place.
     trainable = tune.with_resources(driver.run_trial, driver.TrialResources())
     epochs = {a.method: a.experiment.train.epochs for a in space.arms}
-    if resume:
+    if restorable:
         # Tune restores its searcher, scheduler and callbacks; unfinished and failed trials go on from their checkpoints.
         tuner = tune.Tuner.restore(sweep_storage, trainable, resume_unfinished=True, resume_errored=True, param_space=param_space)
     else:
@@ -288,13 +358,14 @@ def run_sweep(
             trainable,
             param_space=param_space,
             tune_config=tune.TuneConfig(
-                search_alg=_searcher(exp, space), scheduler=_scheduler(exp, name, max(epochs.values())),
+                search_alg=_searcher(exp, space, name, optuna_storage), scheduler=_scheduler(exp, name, max(epochs.values())),
                 num_samples=exp.sweep.num_samples, max_concurrent_trials=exp.sweep.max_concurrent_trials,
             ),
             run_config=tune.RunConfig(
                 name=name, storage_path=exp.storage_path,
                 failure_config=tune.FailureConfig(max_failures=exp.sweep.max_failures),
                 callbacks=[_Progress(epochs, name, objectives, tracker, parent, reference)],
+                verbose=None if _verbose() else 0,  # our _Progress prints one line per trial epoch instead of Tune's tables
             ),
         )
     ledger = _ledger(name)  # _Progress keeps trials ASHA stopped out of ``errored``, however their driver ended
@@ -306,15 +377,21 @@ def run_sweep(
     errors = len(ledger.errored)
     # Ctrl+C (SIGINT) makes Tune end the run gracefully and return: trials left unfinished or never started.
     interrupted = results.num_terminated + results.num_errors < len(results) or len(results) < exp.sweep.num_samples
+    # A trial cut off by the interrupt may count as errored without Tune ever reporting it (not in
+    # the ledger); SIGTERM (ray job stop) is an interrupt by itself.
+    interrupted = interrupted or results.num_errors > len(ledger.errored | ledger.stopped) or cluster.stop_requested()
     status = "KILLED" if interrupted else "FAILED" if errors == len(results) else "FINISHED"
     front = tracker.finalize_sweep(parent, objectives, status=status, errored=ledger.errored, stopped=ledger.stopped)
     if errors:
         tracker.set_tags(parent, {"trials_failed": errors})
+    report.log_sweep_report(uri, parent)  # report.html on the parent run; a failure only warns
     if interrupted:
         tracker.set_tags(parent, {INTERRUPTED_TAG: "true"})
         _logger.warning(
             "sweep %s interrupted after %d of %d trials started; continue it with: prunetune sweep CONFIG --resume %s",
             name, len(results), exp.sweep.num_samples, name,
         )
+    if study_uri and not interrupted:
+        study.close_study(study_uri, name)
     stopped = sum(r.data.tags.get(STOPPED_EARLY_TAG) == "true" for r in tracker.children(parent))
-    return SweepOutcome(name, parent, uri, exp.tracking.experiment, front, len(results), errors, stopped, interrupted)
+    return SweepOutcome(name, parent, uri, exp.tracking.experiment, front, len(results), errors, stopped, interrupted, study_uri)

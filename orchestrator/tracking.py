@@ -1,9 +1,9 @@
 """MLflow records: a parent run per sweep, a child run per trial, and the sweep's Pareto front.
 
-The only module that imports mlflow. It talks through ``MlflowClient(uri)`` (no process-global
-active run), so the sweep driver, Tune trial actors and Ray Train's controller can each log to the
-same runs by id. Param values and URIs pass through ``redact`` first: credentials never reach MLflow
-or the logs.
+The MLflow adapter: with ``orchestrator.registry`` (which logs and registers models) the only
+modules that import mlflow. It talks through ``MlflowClient(uri)`` (no process-global active run),
+so the sweep driver, Tune trial actors and Ray Train's controller can each log to the same runs by
+id. Param values and URIs pass through ``redact`` first: credentials never reach MLflow or the logs.
 """
 from __future__ import annotations
 
@@ -182,10 +182,11 @@ class Tracker:
         for chunk in _chunks(items, 100):
             self.client.log_batch(run_id, params=chunk)
 
-    def log_metrics(self, run_id: str, metrics: dict[str, Any], step: int = 0) -> None:
+    def log_metrics(self, run_id: str, metrics: dict[str, Any], step: int = 0, timestamp_ms: int | None = None) -> None:
+        """Numeric ``metrics`` at ``step``, timestamped now (or ``timestamp_ms``: a delayed record keeps its time)."""
         from mlflow.entities import Metric
 
-        now = int(time.time() * 1000)
+        now = int(time.time() * 1000) if timestamp_ms is None else int(timestamp_ms)
         items = [
             Metric(k, float(v), now, step) for k, v in sorted(metrics.items())
             if isinstance(v, (int, float)) and not isinstance(v, bool)
@@ -206,6 +207,9 @@ class Tracker:
             self.client.log_text(run_id, buf.getvalue(), f"{name}.csv")
             if len(columns) >= 2:
                 self.client.log_figure(run_id, _table_figure(name, rows, columns[0], columns[1]), f"{name}.png")
+
+    def log_text(self, run_id: str, text: str, artifact_file: str) -> None:
+        self.client.log_text(run_id, text, artifact_file)
 
     def logged_steps(self, run_id: str, key: str) -> set[int]:
         """The steps at which ``key`` was logged on ``run_id``."""
@@ -232,15 +236,23 @@ class Tracker:
     def children(self, parent_id: str) -> list:
         return self.search_runs(f"tags.`{PARENT_TAG}` = '{parent_id}'", [self.experiment_id()])
 
-    def search_runs(self, filter_string: str = "", experiment_ids: Sequence[str] | None = None, order_by: list[str] | None = None) -> list:
+    def search_runs(
+        self, filter_string: str = "", experiment_ids: Sequence[str] | None = None, order_by: list[str] | None = None,
+        deleted: bool = False,
+    ) -> list:
         """Every run matching ``filter_string`` in ``experiment_ids`` (default: this experiment), read
-        in pages of 1000 (one query per page, never one per run)."""
+        in pages of 1000 (one query per page, never one per run); ``deleted``: the deleted runs only."""
+        from mlflow.entities import ViewType
+
         ids = list(experiment_ids) if experiment_ids is not None else [self.experiment_id(create=False)]
         if not ids:
             return []
         client, runs, token = self.client, [], None
+        view = ViewType.DELETED_ONLY if deleted else ViewType.ACTIVE_ONLY
         while True:
-            page = client.search_runs(ids, filter_string=filter_string, max_results=1000, order_by=order_by, page_token=token)
+            page = client.search_runs(
+                ids, filter_string=filter_string, run_view_type=view, max_results=1000, order_by=order_by, page_token=token,
+            )
             runs.extend(page)
             token = page.token
             if not token:
@@ -248,6 +260,10 @@ class Tracker:
 
     def experiment_name(self, experiment_id: str) -> str:
         return self.client.get_experiment(experiment_id).name
+
+    def experiment_created(self, experiment_id: str) -> int | None:
+        """The experiment's creation time (ms): with the id, what tells a re-created store's experiment apart."""
+        return self.client.get_experiment(experiment_id).creation_time
 
     def get_run(self, run_id: str):
         """One run by id (a TrackingError, in one line, if there is none)."""

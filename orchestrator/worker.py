@@ -2,7 +2,9 @@
 
 Each rank builds its run (``loop.build_run``), resumes from the run's latest checkpoint (or the
 configured ``init_checkpoint`` when there is none yet), lets Ray Train wrap the model in DDP, and
-trains. Every epoch, rank 0 writes a checkpoint directory and all ranks call ``ray.train.report``.
+trains. Every epoch, rank 0 writes a checkpoint directory and all ranks call ``ray.train.report``;
+with ``train.checkpoint_every_steps`` rank 0 also writes mid-epoch ones beside them. A run resumes
+from the newest checkpoint that verifies against its sha256 manifest (``orchestrator.checkpoints``).
 """
 from __future__ import annotations
 
@@ -18,7 +20,7 @@ import torch
 
 from methods.latency import device_name
 
-from . import loop, storage
+from . import checkpoints, loop, storage
 from .config import ExperimentConfig
 
 __all__ = ["train_fn_per_worker", "configure_logging", "load_state", "STATE_FILE", "RANK_KEY"]
@@ -46,16 +48,29 @@ def load_state(path: str | Path) -> dict[str, Any]:
     return torch.load(path, map_location="cpu", weights_only=True)
 
 
-def _start_state(exp: ExperimentConfig, stage: str) -> dict[str, Any] | None:
-    """The run's own latest checkpoint, else the stage's ``init_checkpoint``, else None."""
+def _start_state(exp: ExperimentConfig, stage: str, run_dir: str | None) -> tuple[dict[str, Any] | None, str]:
+    """The run's own newest good checkpoint (an epoch's or a mid-epoch one under ``run_dir``, each
+    verified against its manifest, a broken one skipped for the one before), else the stage's
+    ``init_checkpoint``, else None; and where it came from. Rank 0 chooses, every rank loads the same."""
+    folder = None
+    if run_dir:
+        box = [None]
+        if ray.train.get_context().get_world_rank() == 0:
+            found = checkpoints.latest_good(run_dir)
+            box = [found.folder if found else None]
+        if torch.distributed.is_available() and torch.distributed.is_initialized():
+            torch.distributed.broadcast_object_list(box, src=0)
+        folder = box[0]
+    if folder is not None:
+        return checkpoints.load(folder), f"checkpoint {folder}"
     checkpoint = ray.train.get_checkpoint()
     if checkpoint is not None:
         with checkpoint.as_directory() as d:
-            return load_state(Path(d) / STATE_FILE)
+            return checkpoints.load(d), f"checkpoint {checkpoint.path}"
     init = (exp.pretrain if stage == "pretrain" else exp.train).init_checkpoint
     if init:
-        return load_state(storage.fetch(init))
-    return None
+        return checkpoints.load_uri(init), f"init_checkpoint {init}"
+    return None, ""
 
 
 def _report(metrics: dict[str, float], state: dict[str, Any] | None) -> None:
@@ -63,12 +78,21 @@ def _report(metrics: dict[str, float], state: dict[str, Any] | None) -> None:
         ray.train.report(metrics)
         return
     with tempfile.TemporaryDirectory() as d:
-        torch.save(state, Path(d) / STATE_FILE)
+        checkpoints.write(state, d)  # state.pt + its sha256 manifest
         ray.train.report(
             metrics,
             checkpoint=ray.train.Checkpoint.from_directory(d),
             checkpoint_dir_name=f"checkpoint_epoch_{int(metrics['epoch']):04d}",
         )
+
+
+def _save_step(state: dict[str, Any] | None, run_dir: str, keep: int) -> None:
+    """Rank 0: a mid-epoch checkpoint beside Ray's epoch ones, the older mid-epoch ones pruned."""
+    if state is None:
+        return
+    folder = checkpoints.save_step(state, run_dir)
+    checkpoints.prune_steps(run_dir, keep)
+    _logger.info("checkpoint at step %d (epoch %d, batch %d): %s", state["step"], state["epoch"] + 1, state["batch"], folder)
 
 
 def train_fn_per_worker(config: dict[str, Any]) -> None:
@@ -85,9 +109,13 @@ def train_fn_per_worker(config: dict[str, Any]) -> None:
 
     run = loop.build_run(exp, stage, device, rank, world, pretrained)
     where = {"rank": rank, "world_size": world, "node_id": ray.get_runtime_context().get_node_id(), "device": device_name(device)}
-    state = _start_state(exp, stage)
+    run_dir = config.get("run_dir")
+    state, source = _start_state(exp, stage, run_dir)
     if state is not None:
-        loop.restore(run, state)
+        loop.restore(run, state, where=source)
+    train_cfg = exp.pretrain if stage == "pretrain" else exp.train
+    if run_dir and train_cfg.checkpoint_every_steps:
+        run.on_step_checkpoint = lambda state: _save_step(state, run_dir, train_cfg.checkpoints_to_keep)
     run.model = ray.train.torch.prepare_model(
         run.raw, parallel_strategy_kwargs={
             "find_unused_parameters": run.method.find_unused_parameters, "broadcast_buffers": run.method.broadcast_buffers,

@@ -6,10 +6,13 @@ so timm, importable (see ``methods/_compat.py``).
 from __future__ import annotations
 
 import dataclasses
+import re
+import shutil
 import socket
 import subprocess
 import sys
 import time
+from pathlib import Path
 from typing import Callable
 
 import pytest
@@ -81,9 +84,9 @@ def s3_endpoint():
         deadline = time.monotonic() + 30
         while True:
             try:
-                requests.get(url, timeout=1)
+                requests.get(url, timeout=5)
                 break
-            except requests.ConnectionError:
+            except requests.RequestException:  # refused while starting, or slow to answer on a busy machine
                 if proc.poll() is not None or time.monotonic() > deadline:
                     raise RuntimeError(f"moto server did not start (exit code {proc.poll()})") from None
                 time.sleep(0.1)
@@ -91,3 +94,74 @@ def s3_endpoint():
     finally:
         proc.terminate()
         proc.wait(timeout=10)
+
+
+CHROMIUM = "/usr/bin/chromium"  # Debian's chromium (.ci/run installs it)
+
+
+@pytest.fixture(scope="session")
+def render_report(tmp_path_factory) -> Callable[..., dict]:
+    """``render_report(path)``: open an HTML file in a real headless Chromium and summarise the DOM it
+    rendered: ``traces`` (per plotly scatter trace, in legend order: its name, the marker points it
+    drew, the vertices of its line), ``token_images`` and ``front_rows``, and the ``dom`` itself."""
+    from html.parser import HTMLParser
+
+    if not shutil.which(CHROMIUM):
+        pytest.skip(f"{CHROMIUM} is not installed (apt-get install -y chromium; .ci/run does it)")
+
+    class _Summary(HTMLParser):
+        def __init__(self) -> None:
+            super().__init__()
+            self.stack: list[tuple[str, bool]] = []  # (tag, opens a scatter trace)
+            self.traces: list[dict] = []
+            self.legend: list[str] = []
+            self.in_legend_text = False
+            self.token_images = self.front_rows = 0
+
+        def handle_starttag(self, tag, attrs):
+            a = dict(attrs)
+            cls = (a.get("class") or "").split()
+            opens = tag == "g" and "trace" in cls and "scatter" in cls
+            if opens:
+                self.traces.append({"points": 0, "line_vertices": 0})
+            elif self.traces and any(t for _, t in self.stack) and tag == "path":
+                if "point" in cls:
+                    self.traces[-1]["points"] += 1
+                if "js-line" in cls and a.get("d"):
+                    self.traces[-1]["line_vertices"] += a["d"].count("L") + 1
+            if tag == "img" and "token-image" in cls and (a.get("src") or "").startswith("data:image/png;base64,"):
+                self.token_images += 1
+            if tag == "tr" and "front-row" in cls:
+                self.front_rows += 1
+            self.in_legend_text = tag == "text" and "legendtext" in cls
+            if tag not in ("img", "meta", "br", "input", "link", "hr"):  # HTML's void elements have no end tag
+                self.stack.append((tag, opens))
+
+        def handle_endtag(self, tag):
+            if any(t == tag for t, _ in self.stack):
+                while self.stack.pop()[0] != tag:
+                    pass
+            self.in_legend_text = False
+
+        def handle_data(self, data):
+            if self.in_legend_text:
+                self.legend.append(data)
+
+    def render(path) -> dict:
+        profile = tmp_path_factory.mktemp("chromium")
+        proc = subprocess.run(
+            [CHROMIUM, "--headless", "--no-sandbox", "--disable-gpu", "--no-first-run", "--disable-background-networking",
+             "--disable-component-update", "--disable-sync", f"--user-data-dir={profile}", "--virtual-time-budget=10000",
+             "--dump-dom", Path(path).resolve().as_uri()],
+            capture_output=True, text=True, timeout=120,
+        )
+        assert proc.returncode == 0, proc.stderr[-2000:]
+        dom = re.sub(r"<script\b.*?</script>", "", proc.stdout, flags=re.S)  # plotly's embedded source is not the page
+        summary = _Summary()
+        summary.feed(dom)
+        for trace, name in zip(summary.traces, summary.legend):
+            trace["name"] = name
+        return {"traces": summary.traces, "legend": summary.legend, "token_images": summary.token_images,
+                "front_rows": summary.front_rows, "dom": dom}
+
+    return render

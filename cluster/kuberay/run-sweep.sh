@@ -32,8 +32,12 @@ export PYTHONUNBUFFERED=1  # its output is piped below: keep the job log live
 log=$(mktemp)
 trap 'rm -f "$log"' EXIT
 
+# `ray job stop` sends SIGTERM to every process of the job: prunetune ends the sweep gracefully
+# (as Ctrl+C), so this script and tee must outlive it to pass its output and exit code on.
+trap 'echo "run-sweep: stop requested; prunetune ends the sweep (resumable)" >&2' TERM INT
+
 echo "run-sweep: resuming sweep $name if it exists"
-prunetune sweep "$config" --resume "$name" "$@" 2>&1 | tee "$log"
+prunetune sweep "$config" --resume "$name" "$@" 2>&1 | (trap '' TERM INT; exec tee "$log")
 rc=${PIPESTATUS[0]}
 
 if [ "$rc" -eq 2 ] && grep -qF -- "--resume $name: no sweep state at" "$log"; then

@@ -750,7 +750,7 @@ def _refusal(kind: str, name: str, tmp_path: Path) -> str:
         (state / "tuner.pkl").write_bytes(b"")  # what Tuner.can_restore looks for
     run = SimpleNamespace(info=SimpleNamespace(status="FINISHED", run_id="0123abcd"))
     tracker = SimpleNamespace(experiment="e", uri="http://mlflow:5000",
-                              find_sweep_run=lambda n: None if kind == "no-run" else run)
+                              find_sweep_run=lambda n: None if kind in ("no-run", "missing") else run)
     with pytest.raises(UserError) as refused:
         _resumable(tracker, name, str(state))
     return str(refused.value)

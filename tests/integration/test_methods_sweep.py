@@ -8,6 +8,7 @@ timings), so the front can be checked against a brute-force computation over the
 from __future__ import annotations
 
 import json
+import re
 from pathlib import Path
 
 import pytest
@@ -145,3 +146,59 @@ def test_one_front_across_methods(sweep, mlflow_server, run_cli):
     assert {r["run_id"] for r in rows} == tagged
     assert {r["method"] for r in rows} == methods
     assert "Pareto front" in proc.stdout
+
+
+# Token stages each front model shows, by hand from the config: DynamicViT prunes before blocks 1, 2, 3;
+# Evo-ViT selects at stage starts 1 and 2; ToMe (r >= 1 on 65 tokens) merges in each of the 4 blocks.
+# SPViT's count depends on the schedule it resolved on this machine (a stage that keeps all is skipped).
+STAGES = {"dynamicvit": 3, "evovit": 2, "tome": 4}
+
+
+def _token_grids(dom: str) -> dict[str, int]:
+    """run id -> token images in its grid, from the rendered page."""
+    parts = re.split(r'<div class="tokens" data-run-id="([0-9a-f]+)">', dom)
+    return {rid: body.count('class="token-image"') for rid, body in zip(parts[1::2], parts[2::2])}
+
+
+def _check_rendered(page: dict, runs, images: int) -> None:
+    trials = [t for t in _role(runs, "trial") if t.info.status == "FINISHED"]
+    front = {r.info.run_id: r for r in _role(runs, "trial") + _role(runs, "reference") if r.data.tags.get("pareto") == "true"}
+    traces = {t.get("name"): t for t in page["traces"]}
+    methods = sorted({t.data.tags["method"] for t in trials})
+    assert page["legend"] == methods + ["Pareto front", "dense reference"]
+    for m in methods:  # one point per finished trial, in its method's trace
+        assert traces[m]["points"] == sum(t.data.tags["method"] == m for t in trials), m
+    assert traces["Pareto front"]["line_vertices"] == len(front)
+    assert traces["dense reference"]["points"] == 1
+    assert page["front_rows"] == len(front)
+    grids = _token_grids(page["dom"])
+    token_front = {rid for rid, r in front.items() if r.data.tags["method"] in ("dynamicvit", "evovit", "spvit", "tome")}
+    assert set(grids) == token_front  # every front model of a token method, nothing else
+    for rid, count in grids.items():
+        method = front[rid].data.tags["method"]
+        if method in STAGES:
+            assert count == images * (1 + STAGES[method]), method
+        else:
+            assert count % images == 0 and count >= 2 * images, method
+    assert page["token_images"] == sum(grids.values())
+
+
+def test_report_on_the_parent_run_renders_the_front_and_the_tokens(sweep, tmp_path, render_report):
+    _, _, client, runs = sweep
+    (parent,) = _role(runs, "sweep")
+    assert "report.html" in {a.path for a in client.list_artifacts(parent.info.run_id)}
+    path = client.download_artifacts(parent.info.run_id, "report.html", str(tmp_path))
+    page = render_report(path)
+    _check_rendered(page, runs, images=4)
+    exp = client.get_experiment_by_name(EXPERIMENT)
+    for rid in _token_grids(page["dom"]):  # links to the runs on the tracking server
+        assert f"/#/experiments/{exp.experiment_id}/runs/{rid}" in Path(path).read_text()
+
+
+def test_report_command_writes_the_page_and_the_png(sweep, mlflow_server, run_cli, render_report):
+    tmp_path, _, _, runs = sweep
+    out = run_cli("report", "--experiment", EXPERIMENT, "--tracking-uri", mlflow_server, "--out", "r.html", "--png", "front.png",
+                  "--images", "1", cwd=tmp_path, timeout=300)
+    assert out.returncode == 0, out.stderr[-3000:]
+    assert (tmp_path / "front.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    _check_rendered(render_report(tmp_path / "r.html"), runs, images=1)

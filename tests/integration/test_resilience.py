@@ -11,6 +11,7 @@ import time
 from contextlib import closing
 from pathlib import Path
 
+import optuna
 import pytest
 import yaml
 from mlflow import MlflowClient
@@ -56,9 +57,8 @@ def _committed_checkpoint(tmp_path: Path) -> str:
     return row[0] if row else ""
 
 
-def _kill_own_train_workers(root_pid: int) -> bool:
-    """SIGKILL the Ray Train workers of the sweep this test started: its own local Ray runs under the
-    CLI process, so they are found among that process's descendants, never by a machine-wide pattern."""
+def _descendants(root_pid: int) -> set[int]:
+    """The pids below ``root_pid`` (the CLI process a test started: its local Ray and Ray's workers)."""
     parents: dict[int, int] = {}
     for stat in Path("/proc").glob("[0-9]*/stat"):
         try:
@@ -70,8 +70,14 @@ def _kill_own_train_workers(root_pid: int) -> bool:
     while frontier:
         frontier = {pid for pid, ppid in parents.items() if ppid in frontier} - descendants
         descendants |= frontier
+    return descendants
+
+
+def _kill_own_train_workers(root_pid: int) -> bool:
+    """SIGKILL the Ray Train workers of the sweep this test started: its own local Ray runs under the
+    CLI process, so they are found among that process's descendants, never by a machine-wide pattern."""
     killed = False
-    for pid in descendants:
+    for pid in _descendants(root_pid):
         try:
             if b"ray::RayTrainWorker" in Path(f"/proc/{pid}/cmdline").read_bytes():
                 os.kill(pid, signal.SIGKILL)
@@ -79,6 +85,20 @@ def _kill_own_train_workers(root_pid: int) -> bool:
         except (OSError, ProcessLookupError):
             continue
     return killed
+
+
+def _end(proc: subprocess.Popen) -> None:
+    """SIGKILL ``proc`` and its process tree if it is still running (an assertion failed first)."""
+    if proc.poll() is not None:
+        return
+    tree = _descendants(proc.pid)
+    proc.kill()
+    proc.wait(timeout=30)
+    for pid in tree:
+        try:
+            os.kill(pid, signal.SIGKILL)
+        except OSError:
+            continue
 
 
 def test_killed_worker_resumes_from_latest_checkpoint(tmp_path, digits_dir, cli_env):
@@ -89,14 +109,17 @@ def test_killed_worker_resumes_from_latest_checkpoint(tmp_path, digits_dir, cli_
         cwd=tmp_path, stdout=out_log, stderr=err_log, text=True, env=cli_env,
     )
     first = tmp_path / "runs" / "resume"
-    # Kill only once Ray Train has committed the first checkpoint: the controller-side MLflow
-    # callback tags the run with it after registering the report (a file on disk is not enough).
-    deadline = time.time() + 300
-    while not _committed_checkpoint(tmp_path).endswith("checkpoint_epoch_0000"):
-        assert proc.poll() is None and time.time() < deadline, (tmp_path / "err.log").read_text()[-3000:]
-        time.sleep(0.2)
-    killed = _kill_own_train_workers(proc.pid)
-    proc.wait(timeout=600)
+    try:
+        # Kill only once Ray Train has committed the first checkpoint: the controller-side MLflow
+        # callback tags the run with it after registering the report (a file on disk is not enough).
+        deadline = time.time() + 300
+        while not _committed_checkpoint(tmp_path).endswith("checkpoint_epoch_0000"):
+            assert proc.poll() is None and time.time() < deadline, (tmp_path / "err.log").read_text()[-3000:]
+            time.sleep(0.2)
+        killed = _kill_own_train_workers(proc.pid)
+        proc.wait(timeout=600)
+    finally:
+        _end(proc)
     err = (tmp_path / "err.log").read_text()
     assert proc.returncode == 0, err[-5000:]
     assert killed
@@ -105,24 +128,30 @@ def test_killed_worker_resumes_from_latest_checkpoint(tmp_path, digits_dir, cli_
     assert trial.info.status == "FINISHED"
     steps = sorted(m.step for m in client.get_metric_history(trial.info.run_id, "val_top1"))
     assert steps[0] == 0 and steps[-1] == 2 and set(steps) == {0, 1, 2}
+    # Epoch 0 (checkpointed before the kill) was not trained again; only the epoch cut short was redone
+    # (train_loss: epoch reports only; the final measurement logs val_top1 at the last epoch again).
+    assert sorted(m.step for m in client.get_metric_history(trial.info.run_id, "train_loss")) == [0, 1, 2]
     assert "latency_ms" in trial.data.metrics
     (trial_dir,) = first.glob("trial_*")
     assert (trial_dir / "checkpoint_epoch_0002" / "state.pt").is_file()
 
 
 def test_ctrl_c_ends_the_sweep_killed_and_resume_finishes_it(tmp_path, digits_dir, run_cli, cli_env):
-    config = _dense_config(tmp_path, digits_dir, num_samples=2)
+    config = _dense_config(tmp_path, digits_dir, num_samples=2, study_storage=f"sqlite:///{tmp_path / 'optuna.db'}")
     with open(tmp_path / "out.log", "w") as out_log, open(tmp_path / "err.log", "w") as err_log:
         proc = subprocess.Popen(
             [sys.executable, "-m", "orchestrator.cli", "sweep", str(config), "--name", "intr"],
             cwd=tmp_path, stdout=out_log, stderr=err_log, text=True, env=cli_env,
         )
-        deadline = time.time() + 300
-        while not _committed_checkpoint(tmp_path).endswith("checkpoint_epoch_0000"):
-            assert proc.poll() is None and time.time() < deadline, (tmp_path / "err.log").read_text()[-3000:]
-            time.sleep(0.2)
-        proc.send_signal(signal.SIGINT)
-        proc.wait(timeout=300)
+        try:
+            deadline = time.time() + 300
+            while not _committed_checkpoint(tmp_path).endswith("checkpoint_epoch_0000"):
+                assert proc.poll() is None and time.time() < deadline, (tmp_path / "err.log").read_text()[-3000:]
+                time.sleep(0.2)
+            proc.send_signal(signal.SIGINT)
+            proc.wait(timeout=300)
+        finally:
+            _end(proc)
     out = (tmp_path / "out.log").read_text()
     assert proc.returncode == 130, (tmp_path / "err.log").read_text()[-5000:]
     assert "1 trials, 0 failed (interrupted)" in out
@@ -156,6 +185,13 @@ def test_ctrl_c_ends_the_sweep_killed_and_resume_finishes_it(tmp_path, digits_di
     assert any(t.data.tags["pareto"] == "true" for t in trials)
     again = run_cli("sweep", str(config), "--resume", "intr", cwd=tmp_path)
     assert again.returncode == 2 and "already finished" in again.stderr
+    # The sweep's Optuna study (sweep.study_storage) went on across the resume: one study trial per
+    # Tune trial, the interrupted one completed, none started twice, values as MLflow recorded them.
+    study = optuna.load_study(study_name="intr", storage=f"sqlite:///{tmp_path / 'optuna.db'}")
+    assert [t.state for t in study.trials] == [optuna.trial.TrialState.COMPLETE] * 2
+    assert len({tuple(sorted(t.params.items())) for t in study.trials}) == 2
+    recorded = sorted((t.data.metrics["val_top1"], t.data.metrics["latency_ms"]) for t in trials)
+    assert all(a == pytest.approx(b) for a, b in zip(sorted(tuple(t.values) for t in study.trials), recorded))
 
 
 def test_asha_stops_trials_early_and_keeps_them_off_the_front(tmp_path, digits_dir, run_cli):

@@ -15,7 +15,10 @@ N_PATCHES, C, DEPTH, CLASSES, PATCH_IN = 64, 96, 6, 10, 3 * 4 * 4
 KEYS = {
     "latency_ms", "throughput_ips", "dense_latency_ms", "dense_throughput_ips",
     "speedup", "throughput_ratio", "gflops", "dense_gflops",
+    "latency_spread", "throughput_spread", "dense_latency_spread", "dense_throughput_spread",
+    "speedup_spread", "throughput_ratio_spread", "flops_bound", "efficiency",
 }
+SPREADS = {k for k in KEYS if k.endswith("_spread")}
 
 
 def _block_macs(n: int) -> int:
@@ -54,11 +57,14 @@ def test_measure_pair_returns_consistent_positive_metrics(tiny_vit):
     result = measure_pair(sparse, dense, IMAGE, torch.device("cpu"), cfg)
 
     assert set(result) == KEYS
-    assert all(isinstance(v, float) and math.isfinite(v) and v > 0 for v in result.values()), result
+    assert all(isinstance(v, float) and math.isfinite(v) and v > 0 for k, v in result.items() if k not in SPREADS), result
+    assert all(result[k] == 0.0 for k in SPREADS)  # one round: nothing to disagree with
     assert result["speedup"] == pytest.approx(result["dense_latency_ms"] / result["latency_ms"])
     assert result["throughput_ratio"] == pytest.approx(result["throughput_ips"] / result["dense_throughput_ips"])
     assert result["gflops"] < result["dense_gflops"]
     assert result["dense_gflops"] == pytest.approx(count_gflops(dense, IMAGE))
+    assert result["flops_bound"] == pytest.approx(result["dense_gflops"] / result["gflops"])
+    assert result["efficiency"] == pytest.approx(result["throughput_ratio"] / result["flops_bound"])
 
 
 def test_dense_gflops_match_the_analytic_mac_count(tiny_vit):
@@ -111,3 +117,115 @@ def test_measure_pair_times_each_model_in_its_own_slot_in_eval_mode(monkeypatch)
     for model in (sparse, dense):
         assert {b for b, _, _ in model.calls} >= {1, 8}
         assert not any(training or grad for _, training, grad in model.calls)
+
+
+# ---- bench: one batch, interleaved rounds, spreads, per-round ratios (fake clock: arithmetic, not speed)
+
+def _fake_clock(monkeypatch) -> list[float]:
+    import types
+
+    from methods import measure as measure_module
+
+    clock = [0.0]
+    monkeypatch.setattr(measure_module, "time", types.SimpleNamespace(perf_counter=lambda: clock[0]))
+    return clock
+
+
+def test_bench_pair_arithmetic_on_a_fixed_cost_clock(monkeypatch):
+    """1 ms vs 3 ms per image at batch 8: 8 / 24 ms per forward, 1000 / 333.3 img/s, speed-up 3;
+    GFLOPs are the two heads' MACs, 192*4 and 192*64 (bound 16), so efficiency is 3 / 16."""
+    from methods import bench_pair
+
+    clock = _fake_clock(monkeypatch)
+    sparse, dense = _Clocked(clock, 1.0, width=4), _Clocked(clock, 3.0, width=64)
+    out = bench_pair(sparse, dense, (3, 8, 8), torch.device("cpu"), MeasureConfig(warmup=1, iters=3, rounds=3), batch=8)
+    assert out["latency_ms"] == pytest.approx(8.0) and out["dense_latency_ms"] == pytest.approx(24.0)
+    assert out["throughput_ips"] == pytest.approx(1000.0) and out["dense_throughput_ips"] == pytest.approx(1000.0 / 3)
+    assert out["gflops"] == pytest.approx(192 * 4 / 1e9) and out["dense_gflops"] == pytest.approx(192 * 64 / 1e9)
+    assert out["flops_bound"] == pytest.approx(16.0)
+    assert out["speedup"] == pytest.approx(3.0) and out["speedup_min"] == pytest.approx(3.0) and out["speedup_max"] == pytest.approx(3.0)
+    assert out["efficiency"] == pytest.approx(3.0 / 16.0)
+    for k in ("latency_spread", "dense_latency_spread", "throughput_spread", "dense_throughput_spread", "speedup_spread"):
+        assert out[k] == pytest.approx(0.0)
+    for m in (sparse, dense):  # every timed call at batch 8 (fvcore's trace at batch 1 records a traced tensor)
+        assert {b for b, _, _ in m.calls if isinstance(b, int)} == {8}
+
+
+def test_a_load_that_changes_between_rounds_shows_in_the_spreads_but_not_in_the_pooled_ratio(monkeypatch):
+    """The machine is 1.0x, 1.5x, 1.2x as slow in rounds 1-3 (both models alike): each model's spread is
+    (1.5 - 1.0) / 1.2, the per-round speed-up is 3 every round (spread 0), and the order rotates."""
+    from methods import bench_pair
+    from methods import measure as measure_module
+
+    clock = _fake_clock(monkeypatch)
+    load = [1.0]
+    sparse, dense = _Clocked(clock, 1.0, width=4), _Clocked(clock, 3.0, width=64)
+    for m in (sparse, dense):
+        m.ms_base = m.ms
+    original = measure_module.time_forward
+    order: list[str] = []
+    loads = iter([1.0, 1.0, 1.5, 1.5, 1.2, 1.2])  # two time_forward calls (one per model) per round
+
+    def timed(model, x, warmup, iters, amp=False):
+        load[0] = next(loads)
+        model.ms = model.ms_base * load[0]
+        order.append("sparse" if model is sparse else "dense")
+        return original(model, x, warmup, iters, amp)
+
+    monkeypatch.setattr(measure_module, "time_forward", timed)
+    out = bench_pair(sparse, dense, (3, 8, 8), torch.device("cpu"), MeasureConfig(warmup=0, iters=2, rounds=3), batch=2)
+    assert order == ["dense", "sparse", "sparse", "dense", "dense", "sparse"]
+    assert out["latency_ms"] == pytest.approx(2.0 * 1.2) and out["dense_latency_ms"] == pytest.approx(6.0 * 1.2)
+    assert out["latency_spread"] == pytest.approx(0.5 / 1.2) and out["dense_latency_spread"] == pytest.approx(0.5 / 1.2)
+    ips = [2 / (2e-3 * f) for f in (1.0, 1.5, 1.2)]
+    assert out["throughput_spread"] == pytest.approx((max(ips) - min(ips)) / sorted(ips)[1])
+    assert out["speedup"] == pytest.approx(3.0) and out["speedup_spread"] == pytest.approx(0.0)
+
+
+class _Recording(torch.nn.Module):
+    """Records the autocast state and whether it runs under torch.compile's tracing, per call."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.fc = torch.nn.Linear(3 * 4 * 4, 5)
+        self.seen: list[tuple[bool, torch.dtype, bool]] = []
+
+    def forward(self, x):
+        self.seen.append((torch.is_autocast_enabled("cpu"), torch.get_autocast_dtype("cpu"), torch.compiler.is_compiling()))
+        return MethodOutput(self.fc(x.flatten(1)))
+
+
+@pytest.mark.parametrize("precision, dtype", [("bf16", torch.bfloat16), ("fp16", torch.float16)])
+def test_precision_times_under_autocast_of_that_dtype(precision, dtype):
+    from methods import bench_pair
+
+    sparse, dense = _Recording(), _Recording()
+    bench_pair(sparse, dense, (3, 4, 4), torch.device("cpu"), MeasureConfig(warmup=1, iters=3, rounds=2, precision=precision), batch=2)
+    for m in (sparse, dense):
+        timed = m.seen[: 1 + 2 * (1 + 3)]  # the priming call and two rounds; fvcore's trace comes after, in fp32
+        assert timed and all(on and d == dtype for on, d, _ in timed), timed
+
+
+def test_fp32_times_without_autocast_and_bad_settings_are_refused():
+    from methods import bench_pair
+
+    sparse, dense = _Recording(), _Recording()
+    bench_pair(sparse, dense, (3, 4, 4), torch.device("cpu"), MeasureConfig(warmup=0, iters=3, rounds=1), batch=2)
+    assert sparse.seen and not any(on for on, _, _ in sparse.seen)
+    assert MeasureConfig(amp=True).autocast_dtype("cpu") == torch.bfloat16
+    assert MeasureConfig(amp=True, precision="fp16").autocast_dtype("cpu") == torch.float16
+    for bad in ({"precision": "fp8"}, {"rounds": 0}, {"iters": 0}, {"warmup": -1}):
+        with pytest.raises(ValueError, match=next(iter(bad))):
+            MeasureConfig(**bad)
+
+
+def test_compile_runs_both_models_through_torch_compile():
+    from methods import bench_pair
+
+    sparse, dense = _Recording(), _Recording()
+    out = bench_pair(sparse, dense, (3, 4, 4), torch.device("cpu"), MeasureConfig(warmup=1, iters=3, rounds=1, compile=True), batch=2)
+    for m in (sparse, dense):
+        timed, fvcore_trace = m.seen[:-1], m.seen[-1]  # priming + warm-up + 3 timed calls, then fvcore's eager trace
+        assert len(timed) == 1 + 1 + 3 and all(compiling for _, _, compiling in timed)  # each call through dynamo's graph
+        assert not fvcore_trace[2]  # GFLOPs are counted on the eager model
+    assert math.isfinite(out["speedup"]) and out["speedup"] > 0

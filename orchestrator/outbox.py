@@ -1,0 +1,143 @@
+"""Metrics and tags that could not reach MLflow, kept in order and sent once the server answers again.
+
+Training never waits on the tracking server: ``Outbox.send`` tries MLflow only when nothing is
+pending and the server answers its health check (a refused connection fails in milliseconds, where
+MLflow's own client would retry for minutes); otherwise the record is appended to a JSONL file,
+with its original step and timestamp, and the next ``send`` or ``flush`` replays the file first, in
+order. A record is removed only after MLflow took it, so a killed process loses nothing it wrote;
+replaying a metric twice logs the same (step, timestamp, value) point again, which MLflow's history
+tolerates (``backfill_history`` and the tests count distinct steps).
+"""
+from __future__ import annotations
+
+import json
+import logging
+import os
+import time
+from pathlib import Path
+from typing import Any, Callable, TypeVar
+from urllib.parse import urlparse
+
+from .tracking import Tracker, redact
+
+__all__ = ["Outbox", "outbox_path", "wait_for_tracking"]
+
+_logger = logging.getLogger(__name__)
+T = TypeVar("T")
+
+
+def outbox_path(root: str | Path, run_id: str) -> Path:
+    """The outbox file of MLflow run ``run_id`` under a local folder ``root``."""
+    return Path(root) / "_mlflow_outbox" / f"{run_id}.jsonl"
+
+
+def _healthy(uri: str, timeout: float = 2.0) -> bool:
+    if urlparse(uri).scheme not in ("http", "https"):
+        return True  # a database store: a failure shows in the call itself, quickly
+    import requests
+
+    try:
+        return requests.get(uri.rstrip("/") + "/health", timeout=timeout).status_code == 200
+    except requests.RequestException:
+        return False
+
+
+def wait_for_tracking(tracker: Tracker, what: str, call: Callable[[], T], timeout: float = 900.0) -> T:
+    """``call()`` once the tracking server answers, retried until ``timeout`` s (a server down for a
+    while must not fail a trial that is about to start or has just finished)."""
+    deadline, delay, warned = time.monotonic() + timeout, 1.0, False
+    while True:
+        try:
+            if _healthy(tracker.uri):
+                return call()
+            error: Exception = ConnectionError("no answer on /health")
+        except Exception as e:  # noqa: BLE001 - any tracking failure is retried until the deadline
+            error = e
+        if time.monotonic() > deadline:
+            raise error
+        if not warned:
+            _logger.warning("MLflow at %s unavailable (%s); %s waits for it", redact(tracker.uri), type(error).__name__, what)
+            warned = True
+        time.sleep(delay)
+        delay = min(delay * 2, 15.0)
+
+
+class Outbox:
+    """The pending MLflow writes of one run (picklable: a tracker, a run id and a local file path)."""
+
+    def __init__(self, tracker: Tracker, run_id: str, path: str | Path) -> None:
+        self.tracker = tracker
+        self.run_id = run_id
+        self.path = Path(path)
+
+    def pending(self) -> list[dict[str, Any]]:
+        if not self.path.is_file():
+            return []
+        records = []
+        for line in self.path.read_text().splitlines():
+            try:
+                records.append(json.loads(line))
+            except ValueError:  # a line cut short by a crash mid-write: the rest is still good
+                continue
+        return records
+
+    def send(self, metrics: dict[str, Any] | None = None, step: int = 0, tags: dict[str, Any] | None = None) -> bool:
+        """Log ``metrics`` at ``step`` (timestamped now) and ``tags``, after anything pending; keep
+        them for later when MLflow is unavailable. Returns whether everything reached MLflow."""
+        record = {
+            "metrics": {k: v for k, v in (metrics or {}).items() if isinstance(v, (int, float)) and not isinstance(v, bool)},
+            "step": int(step), "timestamp_ms": int(time.time() * 1000), "tags": {k: str(v) for k, v in (tags or {}).items()},
+        }
+        if self.flush() and self._deliver(record):
+            return True
+        self._append(record)
+        return False
+
+    def flush(self) -> bool:
+        """Send the pending records, oldest first; True when none is left."""
+        records = self.pending()
+        if not records:
+            return True
+        for i, record in enumerate(records):
+            if not self._deliver(record):
+                self._rewrite(records[i:])
+                return False
+        self.path.unlink(missing_ok=True)
+        _logger.info("MLflow run %s: %d delayed record(s) sent", self.run_id, len(records))
+        return True
+
+    def flush_waiting(self, timeout: float) -> bool:
+        """``flush``, retried until ``timeout`` s (at the end of a trial: the server may still be down)."""
+        deadline, delay = time.monotonic() + timeout, 1.0
+        while not self.flush():
+            if time.monotonic() > deadline:
+                _logger.warning("MLflow run %s: %d record(s) left in %s (sent on resume)", self.run_id, len(self.pending()), self.path)
+                return False
+            time.sleep(delay)
+            delay = min(delay * 2, 10.0)
+        return True
+
+    def _deliver(self, record: dict[str, Any]) -> bool:
+        if not _healthy(self.tracker.uri):
+            return False
+        try:
+            if record["metrics"]:
+                self.tracker.log_metrics(self.run_id, record["metrics"], step=record["step"], timestamp_ms=record["timestamp_ms"])
+            if record["tags"]:
+                self.tracker.set_tags(self.run_id, record["tags"])
+        except Exception as e:  # noqa: BLE001 - kept for later, whatever the tracking store's error
+            _logger.warning("MLflow logging failed for run %s (%s: %s); kept for later", self.run_id, type(e).__name__, e)
+            return False
+        return True
+
+    def _append(self, record: dict[str, Any]) -> None:
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        with open(self.path, "a") as f:
+            f.write(json.dumps(record) + "\n")
+            f.flush()
+            os.fsync(f.fileno())
+
+    def _rewrite(self, records: list[dict[str, Any]]) -> None:
+        tmp = self.path.with_suffix(".tmp")
+        tmp.write_text("".join(json.dumps(r) + "\n" for r in records))
+        os.replace(tmp, self.path)
