@@ -365,7 +365,10 @@ def early_cost(run: Run) -> dict[str, float]:
     sweep = run.exp.sweep
     if run.stage != "trial" or run.rank != 0 or sweep.asha is None or len(sweep.objectives) < 2 or run.method.cost_depends_on_training:
         return {}
-    measured = run.method.measure(run.raw, run.dense, run.method_cfg, None, run.image_shape, run.device, run.exp.measure).metrics
+    # Timing draws random inputs: on a forked generator, so training sees the same random stream
+    # with or without this early measurement (a sweep with MO-ASHA trains as one without it).
+    with torch.random.fork_rng(devices=[run.device] if run.device.type == "cuda" else []):
+        measured = run.method.measure(run.raw, run.dense, run.method_cfg, None, run.image_shape, run.device, run.exp.measure).metrics
     return {o.metric: measured[o.metric] for o in sweep.objectives if o.metric in measured and not o.metric.startswith("val_")}
 
 

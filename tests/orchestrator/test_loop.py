@@ -181,3 +181,24 @@ def test_mo_asha_trials_report_their_cost_with_every_epoch(exp, pretrained):
         assert all("latency_ms" not in r for r in epochs)  # only the objectives' costs
         if carries:  # the model's GFLOPs do not depend on its weights: before training = after
             assert epochs[0]["gflops"] == pytest.approx(final["gflops"], rel=1e-9)
+
+
+def test_early_cost_leaves_the_training_random_stream_alone(exp, pretrained):
+    """MO-ASHA's early measurement (random inputs) must not shift the generator training draws from:
+    a sweep with it trains as one without it."""
+    from dataclasses import replace
+
+    from orchestrator.config import AshaConfig, Objective
+
+    sweep = replace(exp.sweep, asha=AshaConfig(), objectives=(Objective("val_top1", "max"), Objective("latency_ms", "min")))
+    run = loop.build_run(replace(exp, sweep=sweep), "trial", CPU, pretrained_path=str(pretrained["path"]))
+    torch.manual_seed(1234)
+    before = torch.get_rng_state()
+    cost = loop.early_cost(run)
+    assert cost and cost["latency_ms"] > 0  # it really measured
+    assert torch.equal(torch.get_rng_state(), before)
+    torch.manual_seed(1234)
+    expected = torch.rand(3)
+    torch.manual_seed(1234)
+    loop.early_cost(run)
+    assert torch.equal(torch.rand(3), expected)
