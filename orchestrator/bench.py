@@ -22,7 +22,7 @@ from methods import CheckpointError, bench_pair, create_backbone, get_method
 from methods.measure import profile_ops
 from methods.dense import DenseViT
 
-from .config import ExperimentConfig, apply_overrides, experiment_from_dict
+from .config import ExperimentConfig, _plain, apply_overrides, experiment_from_dict
 from .errors import UserError
 
 __all__ = ["bench_experiment", "run_bench", "machine_record", "format_bench", "bench_defaults"]
@@ -119,14 +119,6 @@ def run_bench(
         "weights": weights, "rounds": mcfg.rounds, "warmup": mcfg.warmup, "iters": mcfg.iters,
         "seconds": seconds, "machine": machine_record(dev), **figures,
     }
-
-
-def _plain(obj: Any) -> Any:
-    if isinstance(obj, dict):
-        return {k: _plain(v) for k, v in obj.items()}
-    if isinstance(obj, (list, tuple)):
-        return [_plain(v) for v in obj]
-    return obj
 
 
 def format_bench(r: dict[str, Any]) -> str:
