@@ -1,5 +1,6 @@
 """prunetune's orchestration: configs, search spaces, Ray Train trials, Ray Tune sweeps, MLflow.
 
-Uses ``methods`` (imported first, so torchvision/timm import on CPU-only torch in every process).
+Importing the package imports nothing: Ray Train's controller unpickles ``train_reports`` without
+torch. Every module that needs timm or torchvision imports ``methods`` first (directly, or through
+``config``), whose CPU torchvision guard (``methods/_compat.py``) must run before timm is imported.
 """
-import methods  # noqa: F401  (the CPU torchvision guard runs before timm is imported anywhere)

@@ -31,6 +31,11 @@ NOISE = re.compile(
             r"Setting up process group for",
             r"\[Gloo\] Rank \d+ is connected to",
             r"Reporting training result",
+            r"Attempting to start training worker group of size",
+            r"Started training worker group of size",
+            r"- \(ip=[\d.]+, pid=\d+\) world_rank=\d+, local_rank=",
+            # Logged at error level by every Train run's controller, about its own preemption watcher: not an error.
+            r"has constructor arguments in the object store and max_restarts > 0",
         )
     )
 )

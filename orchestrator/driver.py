@@ -11,7 +11,9 @@ import contextlib
 import hashlib
 import json
 import logging
+import os
 import tempfile
+import time
 from dataclasses import asdict, replace
 from pathlib import Path
 from typing import Any
@@ -21,7 +23,7 @@ import ray.train
 import torch
 from ray import tune
 from ray.tune import PlacementGroupFactory
-from ray.train import CheckpointConfig, ScalingConfig, UserCallback
+from ray.train import CheckpointConfig, ScalingConfig
 from ray.train.torch import TorchConfig, TorchTrainer
 from ray.tune.integration.ray_train import TuneReportCallback
 
@@ -30,18 +32,16 @@ from methods.latency import device_name
 
 from . import loop, storage, worker
 from .config import ExperimentConfig, ResourcesConfig, to_flat_dict
-from .nan_guard import NAN_EVENTS_KEY
 from .outbox import Outbox, outbox_path, wait_for_tracking
+from .train_reports import DEVICE_TAG, RANKS_TAG, MlflowReportCallback
 from .search_space import SweepSpace
+from .timing import Stopwatch
 from .tracking import REFERENCE_ROLE, ROLE_TAG, SEARCHED_TAG, SWEEP_TAG, TRIAL_TAG, Tracker, redact
 
-__all__ = ["run_trial", "train_dense", "scaling_config", "MlflowReportCallback", "TrialResources", "measure_reference", "evaluate_here"]
+__all__ = ["run_trial", "train_dense", "scaling_config", "MlflowReportCallback", "TRIAL_RESOURCES", "evaluate_remote", "measure_reference", "evaluate_here"]
 
 _logger = logging.getLogger(__name__)
 _DRIVER_MEMORY = 512 * 1024**2
-RANKS_TAG = "prunetune.ranks"  # JSON: each rank's rank, world size, node id, device and images seen per epoch
-DEVICE_TAG = "device"  # what rank 0 ran and was measured on (fronts compare only runs of one device)
-NAN_EVENTS_TAG = "prunetune.nan_events"  # JSON: the NaN guard's events (also the artifact nan_events.json)
 FAILURE_TAG = "prunetune.failure"  # why a run failed, in one line (e.g. the NaN guard gave up)
 
 
@@ -56,39 +56,6 @@ def scaling_config(res: ResourcesConfig) -> tuple[ScalingConfig, TorchConfig]:
     return scaling, TorchConfig(backend="nccl" if use_gpu else "gloo")
 
 
-class MlflowReportCallback(UserCallback):
-    """Logs rank 0's reported metrics (and the checkpoint URI) to an MLflow run, step = epoch.
-
-    Through an ``Outbox``: while MLflow is down, the records wait in a local file, in order, and
-    reach MLflow with their own steps and times once it answers again; training never waits.
-    """
-
-    def __init__(self, tracker: Tracker, run_id: str, outbox: Outbox | None = None) -> None:
-        self.tracker = tracker
-        self.run_id = run_id
-        self.outbox = outbox or Outbox(tracker, run_id, outbox_path(Path(tempfile.gettempdir()) / "prunetune", run_id))
-
-    def after_report(self, run_context, metrics: list[dict[str, Any]], checkpoint) -> None:
-        reported = metrics[0] if metrics else {}
-        tags: dict[str, Any] = {}
-        ranks = sorted((json.loads(m[worker.RANK_KEY]) for m in metrics if worker.RANK_KEY in m), key=lambda r: r["rank"])
-        if ranks and all(r.get("train_samples") is not None for r in ranks):  # each rank's epoch: where it ran, what it saw
-            tags.update({RANKS_TAG: json.dumps(ranks), DEVICE_TAG: ranks[0]["device"]})
-        if checkpoint is not None:
-            tags["checkpoint_uri"] = checkpoint.path
-        if NAN_EVENTS_KEY in reported:  # the NaN guard's events so far (the newest, if the list outgrows a tag)
-            events = json.loads(reported[NAN_EVENTS_KEY])
-            tags[NAN_EVENTS_TAG] = json.dumps(events[-20:])
-        if self.outbox.send(reported, step=int(reported.get("epoch", 0)), tags=tags):
-            try:
-                if loop.TABLES_KEY in reported:
-                    self.tracker.log_tables(self.run_id, json.loads(reported[loop.TABLES_KEY]))
-                if NAN_EVENTS_KEY in reported:
-                    self.tracker.log_text(self.run_id, json.dumps(json.loads(reported[NAN_EVENTS_KEY]), indent=1), "nan_events.json")
-            except Exception as e:  # artifacts are a record, never a reason to stop training
-                _logger.warning("MLflow artifacts not logged for run %s: %s", self.run_id, e)
-
-
 def log_final(tracker: Tracker, run_id: str, reported: dict[str, Any]) -> None:
     """A report's metrics (step = epoch), and the measurement's tables as artifacts when it has them."""
     tracker.log_metrics(run_id, reported, step=int(reported.get("epoch", 0)))
@@ -96,12 +63,23 @@ def log_final(tracker: Tracker, run_id: str, reported: dict[str, Any]) -> None:
         tracker.log_tables(run_id, json.loads(reported[loop.TABLES_KEY]))
 
 
-def _trainer(exp: ExperimentConfig, stage: str, name: str, storage_path: str, callbacks: list) -> TorchTrainer:
+#: Ray Train settings for the runs this process starts (Train hands them on to its controller). The
+#: controller polls its workers every 2 s by default, so each run ended up to 2 s after its last
+#: report; 0.5 s costs nothing measurable. A value the user set in the environment wins.
+TRAIN_ENV = {"RAY_TRAIN_HEALTH_CHECK_INTERVAL_S": "0.5"}
+
+
+def _trainer(
+    exp: ExperimentConfig, stage: str, name: str, storage_path: str, callbacks: list, started_at: float | None = None,
+) -> TorchTrainer:
+    for key, value in TRAIN_ENV.items():
+        os.environ.setdefault(key, value)
     scaling, torch_config = scaling_config(exp.resources)
     keep = (exp.pretrain if stage == "pretrain" else exp.train).checkpoints_to_keep
+    loop_config = {"experiment": exp, "stage": stage, "run_dir": storage.join(storage_path, name)}  # where its checkpoints are
     return TorchTrainer(
         worker.train_fn_per_worker,
-        train_loop_config={"experiment": exp, "stage": stage, "run_dir": storage.join(storage_path, name)},  # where its checkpoints are
+        train_loop_config={**loop_config, "started_at": time.time() if started_at is None else started_at},
         scaling_config=scaling,
         torch_config=torch_config,
         run_config=ray.train.RunConfig(
@@ -120,29 +98,24 @@ def trial_experiment(config: dict[str, Any]) -> ExperimentConfig:
     return space.trial_experiment(config["params"])
 
 
-class TrialResources:
-    """What Tune reserves for a trial's own actor: only memory when it drives a worker group (the
-    workers hold the CPUs/GPUs), one worker's CPUs/GPUs when it evaluates in place (``train.epochs: 0``)."""
-
-    def __call__(self, config: dict[str, Any]) -> PlacementGroupFactory:
-        exp = trial_experiment(config)
-        bundle: dict[str, float] = {"memory": _DRIVER_MEMORY}
-        if exp.train.epochs == 0:
-            bundle["CPU"] = exp.resources.cpus_per_worker
-            if exp.resources.gpus_per_worker:
-                bundle["GPU"] = exp.resources.gpus_per_worker
-        return PlacementGroupFactory([bundle])
+#: What Tune reserves for every trial's own actor: memory only. It drives a worker group (the workers
+#: hold the CPUs/GPUs) or, with nothing to train (``train.epochs: 0``), an evaluation task on one
+#: worker's resources (``evaluate_remote``). Every trial reserving the same makes every finished
+#: trial's actor reusable by the next (``reuse_actors``).
+TRIAL_RESOURCES = PlacementGroupFactory([{"memory": _DRIVER_MEMORY}])
 
 
 def run_trial(config: dict[str, Any]) -> None:
     """The Tune trainable: one sweep trial as a multi-worker ``TorchTrainer``, or, with nothing to
-    train (``train.epochs: 0``), an evaluation and measurement in this actor (seconds, no worker group).
+    train (``train.epochs: 0``), an evaluation and measurement as one task (seconds, no worker group).
 
     ``config`` holds ``space`` (the sweep's ``SweepSpace``), ``params`` (this trial's sampled
     values), ``parent_run_id``, ``tracking_uri``, ``sweep_name`` and ``storage_path`` (the sweep's
     folder for Train runs).
     """
     worker.configure_logging()
+    started_at = time.time()
+    timing = Stopwatch()  # the driver's own MLflow time; the workers report their phases
     exp = trial_experiment(config)
     trial_id = tune.get_context().get_trial_id()
     tracker = Tracker(config["tracking_uri"], exp.tracking.experiment)
@@ -160,24 +133,27 @@ def run_trial(config: dict[str, Any]) -> None:
         Outbox(tracker, run_id, outbox_path(loop.cache_dir(exp), run_id)).flush()  # what an earlier attempt could not send
         backfill_history(tracker, run_id, storage.join(config["storage_path"], f"trial_{trial_id}"))
     else:
-        run_id = tracker.start_run(
-            name=f"trial_{trial_id}",
-            params=to_flat_dict(exp),
-            tags={
-                ROLE_TAG: "trial", TRIAL_TAG: trial_id, SWEEP_TAG: config["sweep_name"],
-                "method": exp.method, "backbone": exp.model.name,
-                SEARCHED_TAG: ",".join(config["space"].trial_searched(config["params"])),
-            },
-            parent_id=parent,
-        )
+        with timing("logging"):
+            run_id = tracker.start_run(
+                name=f"trial_{trial_id}",
+                params=to_flat_dict(exp),
+                tags={
+                    ROLE_TAG: "trial", TRIAL_TAG: trial_id, SWEEP_TAG: config["sweep_name"],
+                    "method": exp.method, "backbone": exp.model.name,
+                    SEARCHED_TAG: ",".join(config["space"].trial_searched(config["params"])),
+                },
+                parent_id=parent,
+            )
     outbox = Outbox(tracker, run_id, outbox_path(loop.cache_dir(exp), run_id))
     with tracker.ending(run_id):
         if exp.train.epochs == 0:
-            tune.report(evaluate_here(exp, tracker, run_id))
+            final = evaluate_remote(exp, tracker, run_id, started_at)
+            _log_driver_times(tracker, run_id, final, timing, started_at)
+            tune.report(final)
             return
         trainer = _trainer(
             exp, "trial", f"trial_{trial_id}", config["storage_path"],
-            callbacks=[TuneReportCallback(), MlflowReportCallback(tracker, run_id, outbox)],
+            callbacks=[TuneReportCallback(), MlflowReportCallback(tracker, run_id, outbox, timing)], started_at=started_at,
         )
         try:
             trainer.fit()
@@ -187,6 +163,14 @@ def run_trial(config: dict[str, Any]) -> None:
             raise
         finally:
             outbox.flush_waiting(timeout=600)  # metrics delayed by an MLflow outage, before the run ends
+        with contextlib.suppress(Exception):  # a record of where the time went, never a reason to fail the trial
+            _log_driver_times(tracker, run_id, {"epoch": exp.train.epochs - 1}, timing, started_at)
+
+
+def _log_driver_times(tracker: Tracker, run_id: str, final: dict[str, Any], timing: Stopwatch, started_at: float) -> None:
+    """The trial driver's MLflow time and the trial's wall time, on its run (``orchestrator.timing``)."""
+    times = {"time_logging_s": timing.totals.get("logging", 0.0), "time_trial_s": time.time() - started_at}
+    tracker.log_metrics(run_id, times, step=int(final.get("epoch", 0)))
 
 
 def failure_reason(error: BaseException) -> str:
@@ -219,18 +203,35 @@ def _local_device() -> torch.device:
     return torch.device("cuda", 0) if gpus and torch.cuda.is_available() else torch.device("cpu")
 
 
-def evaluate_here(exp: ExperimentConfig, tracker: Tracker, run_id: str) -> dict[str, float]:
+def evaluate_here(
+    exp: ExperimentConfig, tracker: Tracker, run_id: str, started_at: float | None = None, timing: Stopwatch | None = None,
+) -> dict[str, float]:
     """Evaluate and measure ``exp``'s model as built, in this process, on one worker's resources; log to ``run_id``."""
+    timing = timing or Stopwatch()
     device = _local_device()
     if device.type == "cpu":
         torch.set_num_threads(max(1, int(exp.resources.cpus_per_worker)))
     pretrained = str(storage.fetch(exp.model.pretrained)) if exp.model.pretrained else None
     run = loop.build_run(exp, "trial", device, pretrained_path=pretrained)
+    run.started_at = time.time() if started_at is None else started_at
     final = loop.fit(run, lambda metrics, state: None)
-    log_final(tracker, run_id, final)
-    where = {"rank": 0, "world_size": 1, "node_id": ray.get_runtime_context().get_node_id() if ray.is_initialized() else "", "device": device_name(device)}
-    tracker.set_tags(run_id, {RANKS_TAG: json.dumps([where]), DEVICE_TAG: where["device"]})
+    with timing("logging"):
+        log_final(tracker, run_id, final)
+        where = {"rank": 0, "world_size": 1, "node_id": ray.get_runtime_context().get_node_id() if ray.is_initialized() else "", "device": device_name(device)}
+        tracker.set_tags(run_id, {RANKS_TAG: json.dumps([where]), DEVICE_TAG: where["device"]})
     return {k: v for k, v in final.items() if k != loop.TABLES_KEY}
+
+
+def evaluate_remote(exp: ExperimentConfig, tracker: Tracker, run_id: str, started_at: float | None = None) -> dict[str, float]:
+    """``evaluate_here`` as a Ray task on one worker's CPUs/GPUs. Ray keeps a finished task's process
+    (torch and the methods imported) for the next such task: the dense reference's and every
+    evaluation-only trial's run in one warm process on a small cluster."""
+    res = exp.resources
+    task = ray.remote(evaluate_here).options(
+        num_cpus=res.cpus_per_worker, num_gpus=res.gpus_per_worker or 0,
+        scheduling_strategy="DEFAULT",  # from a trial's actor: outside its (memory-only) placement group
+    )
+    return ray.get(task.remote(exp, tracker, run_id, time.time() if started_at is None else started_at))
 
 
 def measure_reference(exp: ExperimentConfig, tracker: Tracker, parent_id: str) -> str:
@@ -248,10 +249,8 @@ def measure_reference(exp: ExperimentConfig, tracker: Tracker, parent_id: str) -
             "dense_reference", params=to_flat_dict(ref),
             tags={ROLE_TAG: REFERENCE_ROLE, "method": "dense", "backbone": exp.model.name}, parent_id=parent_id,
         )
-    res = exp.resources
-    task = ray.remote(evaluate_here).options(num_cpus=res.cpus_per_worker, num_gpus=res.gpus_per_worker or 0)
     with tracker.ending(run_id):
-        final = ray.get(task.remote(ref, tracker, run_id))
+        final = evaluate_remote(ref, tracker, run_id)
     _logger.info(
         "dense reference: val_top1 %.2f%%, latency %.3f ms, throughput %.0f img/s, %.4f GFLOPs",
         final["val_top1"], final["latency_ms"], final["throughput_ips"], final["gflops"],
@@ -265,13 +264,18 @@ def pretrain_key(exp: ExperimentConfig) -> str:
     return hashlib.sha256(json.dumps(what, sort_keys=True, default=str).encode()).hexdigest()[:10]
 
 
+def pretrain_run_name(exp: ExperimentConfig) -> str:
+    """The MLflow and Ray Train name of ``exp``'s dense pre-training."""
+    return f"pretrain_{pretrain_key(exp)}"
+
+
 def train_dense(exp: ExperimentConfig, tracker: Tracker) -> str:
     """Train the dense backbone on the experiment's data (or reuse an earlier one); returns its weights' URI.
 
     The run is named by ``pretrain_key``, so an interrupted pre-training resumes from its last epoch
     and a finished one is reused. The weights are exported as a timm state dict under ``"model"``.
     """
-    name = f"pretrain_{pretrain_key(exp)}"
+    name = pretrain_run_name(exp)
     export = storage.join(exp.storage_path, name, "dense_backbone.pt")
     if storage.exists(export):
         _logger.info("reusing the dense %s trained earlier: %s", exp.model.name, export)
@@ -279,9 +283,12 @@ def train_dense(exp: ExperimentConfig, tracker: Tracker) -> str:
     _logger.info("training the dense %s first (%d epochs): it is the starting point and teacher", exp.model.name, exp.pretrain.epochs)
     flat = {k: v for k, v in to_flat_dict(exp).items() if not k.startswith(("train.", "sweep."))}
     run_id = tracker.start_run(name, params={**flat, "method": "dense"}, tags={ROLE_TAG: "pretrain", "method": "dense", "backbone": exp.model.name})
-    trainer = _trainer(exp, "pretrain", name, exp.storage_path, callbacks=[MlflowReportCallback(tracker, run_id, Outbox(tracker, run_id, outbox_path(loop.cache_dir(exp), run_id)))])
+    started_at, timing = time.time(), Stopwatch()
+    outbox = Outbox(tracker, run_id, outbox_path(loop.cache_dir(exp), run_id))
+    trainer = _trainer(exp, "pretrain", name, exp.storage_path, callbacks=[MlflowReportCallback(tracker, run_id, outbox, timing)], started_at=started_at)
     with tracker.ending(run_id):
         result = trainer.fit()
+        _log_driver_times(tracker, run_id, {"epoch": exp.pretrain.epochs - 1}, timing, started_at)
         with result.checkpoint.as_directory() as d:
             state = worker.load_state(Path(d) / worker.STATE_FILE)
         with tempfile.TemporaryDirectory() as tmp:

@@ -20,17 +20,19 @@ from typing import Any, Callable, Literal
 
 import torch
 import torch.distributed as dist
-from timm.scheduler import CosineLRScheduler
 from torch import nn
 from torch.utils.data import DataLoader, DistributedSampler, Subset
 
 from methods import MethodConfig, SparsityMethod, StepHooks, create_backbone, get_method, load_backbone_weights
 from methods.dense import DenseConfig, DenseViT
+from timm.scheduler import CosineLRScheduler  # after ``methods``: its CPU torchvision guard comes first
 
 from .config import ExperimentConfig, TrainConfig
 from .data import build_calibration_datasets, build_datasets
 from .nan_guard import NanGuard, NonFiniteLossError
 from .resume import ResumableSampler, check_identity, gather_rng_states, loader_seed, seed_everything, set_rng_state
+from .timing import Stopwatch
+from .train_reports import TABLES_KEY
 
 __all__ = ["Run", "build_run", "fit", "restore", "NonFiniteLossError", "Report"]
 
@@ -75,6 +77,9 @@ class Run:
     val_set: Any = None  # the whole val split (rank 0 measures over it when the method's cost depends on the input)
     calibration_loader: DataLoader | None = None  # held-out train images, eval transforms (``needs_calibration``)
     nan_guard: NanGuard | None = None  # ``train.nan_guard`` (``orchestrator.nan_guard``)
+    #: Phase times (``orchestrator.timing``), reported cumulatively with every epoch as ``time_*_s``.
+    timing: Stopwatch = field(default_factory=Stopwatch)
+    started_at: float | None = None  # when the run's driver started it (``time.time()``): start-up and first step count from it
 
 
 def build_run(
@@ -132,8 +137,11 @@ def build_run(
     run.model = raw
     run.optimizer = torch.optim.AdamW(method.param_groups(raw, method_cfg, train_cfg.lr, train_cfg.weight_decay), lr=train_cfg.lr)
     steps = len(train_loader)
+    total_steps = (train_cfg.schedule_epochs or train_cfg.epochs) * steps
+    if total_steps == 0:  # nothing to train (evaluation only): timm would warn that its one-step schedule does nothing
+        logging.getLogger("timm.scheduler.cosine_lr").setLevel(logging.ERROR)
     run.scheduler = CosineLRScheduler(
-        run.optimizer, t_initial=max(1, (train_cfg.schedule_epochs or train_cfg.epochs) * steps), lr_min=train_cfg.min_lr,
+        run.optimizer, t_initial=max(1, total_steps), lr_min=train_cfg.min_lr,
         warmup_t=int(train_cfg.warmup_epochs * steps), warmup_lr_init=train_cfg.min_lr, t_in_epochs=False,
     )
     run.scaler = torch.amp.GradScaler(device.type, enabled=_amp_dtype(run) == torch.float16)
@@ -265,6 +273,7 @@ def train_one_epoch(run: Run) -> dict[str, float]:
         run.scaler.update()
         run.hooks.after_optimizer_step(run.step)
         run.step += 1
+        run.timing.mark("to_first_step")
         run.scheduler.step_update(run.step)
         terms = {"train_loss": loss.total.detach(), **{f"train_{k}": v for k, v in loss.terms.items()}}
         terms.update(run.method.stats(run.raw, out))
@@ -316,39 +325,53 @@ def evaluate_model(model: nn.Module, loader: DataLoader, device: torch.device) -
 def fit(run: Run, report: Report) -> dict[str, float]:
     """Train the remaining epochs, reporting each; a trial then measures latency/throughput/GFLOPs.
 
-    Every rank calls ``report`` the same number of times (Ray Train requires it). Returns the last
-    metrics reported.
+    Every rank calls ``report`` the same number of times (Ray Train requires it); each report
+    carries the run's cumulative phase times (``time_*_s``, ``orchestrator.timing``). Returns the
+    last metrics reported.
     """
     metrics: dict[str, float] = {}
     total = run.train_cfg.epochs
-    cost = early_cost(run) if run.epoch < total else {}
+    timing = run.timing
+    if run.started_at is not None:
+        timing.mark("startup")
+    with timing("measure"):
+        cost = early_cost(run) if run.epoch < total else {}
     run.nan_guard.mark_good(run, "the run's start" if run.step == 0 else f"epoch {run.epoch - 1}, step {run.step}")
     while run.epoch < total:
-        train = run.nan_guard.train_epoch(run, train_one_epoch)  # an epoch rolled back by the NaN guard starts again
-        run.hooks.on_epoch_end(run.epoch)
-        metrics = {"epoch": run.epoch, **train, **evaluate(run), **cost, **run.nan_guard.report_metrics()}
+        with timing("train"):
+            train = run.nan_guard.train_epoch(run, train_one_epoch)  # an epoch rolled back by the NaN guard starts again
+            run.hooks.on_epoch_end(run.epoch)
+        with timing("eval"):
+            val = evaluate(run)
+        metrics = {"epoch": run.epoch, **train, **val, **cost, **run.nan_guard.report_metrics(), **timing.metrics(run.started_at)}
         run.epoch += 1
         if run.rank == 0:
             _logger.info(
                 "%s epoch %d/%d: train_loss %.4f, val_top1 %.2f%% (%.1fs)",
                 run.stage, run.epoch, total, metrics["train_loss"], metrics["val_top1"], metrics["epoch_time_s"],
             )
-        report(metrics, checkpoint_state(run, metrics))
+        with timing("checkpoint"):
+            report(metrics, checkpoint_state(run, metrics))
         run.nan_guard.mark_good(run, f"epoch {run.epoch - 1}")
     calibrated: dict[str, float] = {}
     if run.stage == "trial" and run.calibration_loader is not None:
         run.raw.eval()
-        calibrated = run.method.calibrate(run.raw, run.method_cfg, run.calibration_loader, run.device)
-        metrics = {"epoch": max(total - 1, 0), **evaluate(run)}  # accuracy as calibrated
+        with timing("measure"):
+            calibrated = run.method.calibrate(run.raw, run.method_cfg, run.calibration_loader, run.device)
+        with timing("eval"):
+            metrics = {"epoch": max(total - 1, 0), **evaluate(run)}  # accuracy as calibrated
     if not metrics:  # nothing to train (epochs 0), or resumed after the last epoch: evaluate for the final report
-        metrics = {"epoch": max(total - 1, 0), **evaluate(run)}
+        with timing("eval"):
+            metrics = {"epoch": max(total - 1, 0), **evaluate(run)}
     final = {k: v for k, v in metrics.items() if k.startswith("val_") or k == "epoch"}
     if run.stage == "trial":
         if run.rank == 0:
             final.update(calibrated)
-            final.update(measure(run))
+            with timing("measure"):
+                final.update(measure(run))
             final["params_m"] = sum(p.numel() for p in run.raw.parameters()) / 1e6
             final.update(run.method.stats(run.raw))
+            final.update(timing.metrics(run.started_at))
         report(final, None)
     return final
 
@@ -372,8 +395,6 @@ def early_cost(run: Run) -> dict[str, float]:
     return {o.metric: measured[o.metric] for o in sweep.objectives if o.metric in measured and not o.metric.startswith("val_")}
 
 
-#: A trial's measurement tables travel to the tracker inside its final metrics, as JSON under this key.
-TABLES_KEY = "measure_tables_json"
 
 
 def measure(run: Run) -> dict[str, Any]:

@@ -36,6 +36,7 @@ import torch.nn.functional as F
 from torch.overrides import TorchFunctionMode
 
 from .config import NanGuardConfig
+from .train_reports import NAN_EVENTS_KEY
 
 if TYPE_CHECKING:
     from .loop import Run
@@ -45,7 +46,6 @@ __all__ = ["NanGuard", "NonFiniteLossError", "RolledBack", "NAN_EVENTS_KEY", "TE
 _logger = logging.getLogger(__name__)
 
 #: An epoch's report carries the run's NaN-guard events so far, as JSON under this key.
-NAN_EVENTS_KEY = "nan_events_json"
 #: Test hook (integration tests only): ``{"rank": R, "steps": [S, ...]}`` makes rank R's loss NaN at
 #: those optimizer steps, once each (``"from_step": S``: at every step from S on).
 TEST_INJECT_NAN_ENV = "PRUNETUNE_TEST_INJECT_NAN"

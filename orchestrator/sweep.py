@@ -6,6 +6,7 @@ given, opens the sweep's MLflow parent run, runs the Tuner, and finally tags the
 """
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import os
@@ -28,6 +29,7 @@ from .errors import ConfigError
 from .pareto import hypervolume
 from .schedulers import MultiObjectiveASHA, RecordingASHA, ledger as _ledger, trial_epochs
 from .search_space import SweepSpace
+from .timing import Stopwatch, format_breakdown, sweep_breakdown
 from .tracking import (
     HYPERVOLUME_METRIC, INTERRUPTED_TAG, OBJECTIVES_TAG, ROLE_TAG, SEARCHED_TAG, STOPPED_EARLY_TAG, SWEEP_TAG, Tracker,
     check_reachable, param_value, redact, resolve_uri,
@@ -97,6 +99,8 @@ def _check_pretrained(exp: ExperimentConfig) -> None:
 def _sampler(cfg: SweepConfig):
     import optuna
 
+    if not _verbose():
+        optuna.logging.set_verbosity(optuna.logging.WARNING)  # its "A new study created" lines: Tune's business
     startup = cfg.startup_trials
     if cfg.sampler == "nsga2":
         return optuna.samplers.NSGAIISampler(seed=cfg.seed, **({"population_size": startup} if startup else {}))
@@ -282,6 +286,44 @@ def _check_same_config(name: str, previous, exp: ExperimentConfig) -> None:
             raise UserError(f"--resume {name}: {key} is {param_value(key, value)} but the sweep ran with {recorded}")
 
 
+@contextlib.contextmanager
+def _quiet_tune():
+    """Tune without its console tables (``prunetune -v``: with them). Tune's new output engine prints
+    its configuration and final status tables even at ``verbose=0``; its legacy engine, at
+    ``verbose=0``, prints nothing, and ``_Progress`` prints one line per trial epoch instead."""
+    if _verbose():
+        yield
+        return
+    before = os.environ.get("RAY_AIR_NEW_OUTPUT")
+    os.environ["RAY_AIR_NEW_OUTPUT"] = "0"
+    try:
+        yield
+    finally:
+        if before is None:
+            os.environ.pop("RAY_AIR_NEW_OUTPUT", None)
+        else:
+            os.environ["RAY_AIR_NEW_OUTPUT"] = before
+
+
+def _log_breakdown(tracker: Tracker, name: str, parent: str, exp: ExperimentConfig, started: float, phases: Stopwatch) -> None:
+    """Where the sweep's wall time went (``orchestrator.timing``): one log line, and on the parent run
+    as ``time_<phase>_s`` metrics and ``timing.json``. A record only: a failure warns."""
+    try:
+        runs = [r for r in tracker.children(parent) if r.data.tags.get(ROLE_TAG) == "trial"]
+        if phases.totals.get("pretrain"):  # trained by this sweep: its own phases, from its run
+            runs += [
+                r for r in tracker.search_runs(f"tags.`{ROLE_TAG}` = 'pretrain' AND tags.`mlflow.runName` = '{driver.pretrain_run_name(exp)}'")
+                if r.info.start_time >= started * 1000 - 1000
+            ]
+        breakdown = sweep_breakdown(time.time() - started, phases.totals, [dict(r.data.metrics) for r in runs])
+        breakdown.update({f"sweep_{k}": round(v, 2) for k, v in phases.totals.items()})
+        tracker.log_metrics(parent, {f"time_{k}_s": v for k, v in breakdown.items() if k not in ("total", "trial_count")} | {"time_total_s": breakdown["total"]})
+        tracker.log_text(parent, json.dumps(breakdown, indent=1), "timing.json")
+        _logger.info("sweep %s took %s", name, format_breakdown(breakdown))
+    except Exception as e:
+        _logger.warning("sweep %s: time breakdown not recorded (%s: %s)", name, type(e).__name__, e)
+
+
 def run_sweep(
     exp: ExperimentConfig, space: SweepSpace, name: str | None = None, address: str | None = None, resume: bool = False,
 ) -> SweepOutcome:
@@ -292,6 +334,7 @@ def run_sweep(
     """
     if resume and not name:
         raise UserError("resuming a sweep needs its name")
+    started, phases = time.time(), Stopwatch()
     uri = resolve_uri(exp.tracking.uri)
     check_reachable(uri)
     storage.check_bucket(exp.storage_path)  # missing bucket, no credentials: before anything is recorded
@@ -316,7 +359,8 @@ def run_sweep(
     cluster.stop_on_sigterm()  # ray job stop: as Ctrl+C
 
     if not exp.model.pretrained and any(get_method(m).needs_pretrained for m in space.methods()):
-        exp = replace(exp, model=replace(exp.model, pretrained=driver.train_dense(exp, tracker)))
+        with phases("pretrain"):
+            exp = replace(exp, model=replace(exp.model, pretrained=driver.train_dense(exp, tracker)))
         space = space.with_pretrained(exp.model.pretrained)
 
     objectives = [(o.metric, o.mode) for o in exp.sweep.objectives]
@@ -341,14 +385,15 @@ def run_sweep(
         tracker.set_tags(parent, study.study_tag(study_uri, name))
         _logger.info("sweep %s: Optuna study %r; browse it with: %s", name, name, study.dashboard_command(study_uri))
     if exp.model.pretrained:  # without trained weights a dense accuracy would mean nothing
-        driver.measure_reference(exp, tracker, parent)
+        with phases("reference"):
+            driver.measure_reference(exp, tracker, parent)
     reference = tracker.hv_reference(parent, objectives)  # chance accuracy, the dense model's cost; recorded on the parent
     param_space: dict[str, Any] = {
         "space": space, _PARAMS: space.tune_space(), "parent_run_id": parent,
         "tracking_uri": uri, "sweep_name": name, "storage_path": sweep_storage,
     }
-    # A trial's actor only waits on its workers (memory, no CPU), unless it evaluates in place.
-    trainable = tune.with_resources(driver.run_trial, driver.TrialResources())
+    # A trial's actor only waits on its workers or its evaluation task (memory, no CPU).
+    trainable = tune.with_resources(driver.run_trial, driver.TRIAL_RESOURCES)
     epochs = {a.method: a.experiment.train.epochs for a in space.arms}
     if restorable:
         # Tune restores its searcher, scheduler and callbacks; unfinished and failed trials go on from their checkpoints.
@@ -360,6 +405,9 @@ def run_sweep(
             tune_config=tune.TuneConfig(
                 search_alg=_searcher(exp, space, name, optuna_storage), scheduler=_scheduler(exp, name, max(epochs.values())),
                 num_samples=exp.sweep.num_samples, max_concurrent_trials=exp.sweep.max_concurrent_trials,
+                # A finished trial's actor (a process with torch, timm and MLflow imported) runs the next
+                # trial of the same resources: seconds less start-up per trial.
+                reuse_actors=True,
             ),
             run_config=tune.RunConfig(
                 name=name, storage_path=exp.storage_path,
@@ -369,8 +417,10 @@ def run_sweep(
             ),
         )
     ledger = _ledger(name)  # _Progress keeps trials ASHA stopped out of ``errored``, however their driver ended
+    phases.add("setup", time.time() - started - sum(phases.totals.values()))
     try:
-        results = tuner.fit()
+        with _quiet_tune(), phases("tune"):
+            results = tuner.fit()
     except BaseException:
         tracker.finalize_sweep(parent, objectives, status="KILLED", errored=ledger.errored, stopped=ledger.stopped)
         raise
@@ -381,10 +431,12 @@ def run_sweep(
     # the ledger); SIGTERM (ray job stop) is an interrupt by itself.
     interrupted = interrupted or results.num_errors > len(ledger.errored | ledger.stopped) or cluster.stop_requested()
     status = "KILLED" if interrupted else "FAILED" if errors == len(results) else "FINISHED"
-    front = tracker.finalize_sweep(parent, objectives, status=status, errored=ledger.errored, stopped=ledger.stopped)
     if errors:
         tracker.set_tags(parent, {"trials_failed": errors})
-    report.log_sweep_report(uri, parent)  # report.html on the parent run; a failure only warns
+    with phases("finalize"):
+        front = tracker.finalize_sweep(parent, objectives, status=status, errored=ledger.errored, stopped=ledger.stopped)
+        report.log_sweep_report(uri, parent)  # report.html on the parent run; a failure only warns
+    _log_breakdown(tracker, name, parent, exp, started, phases)
     if interrupted:
         tracker.set_tags(parent, {INTERRUPTED_TAG: "true"})
         _logger.warning(

@@ -22,12 +22,11 @@ from methods.latency import device_name
 
 from . import checkpoints, loop, storage
 from .config import ExperimentConfig
+from .train_reports import RANK_KEY
 
 __all__ = ["train_fn_per_worker", "configure_logging", "load_state", "STATE_FILE", "RANK_KEY"]
 
 STATE_FILE = "state.pt"
-#: Each rank's report carries where it ran (rank, world size, node, device, images seen), as JSON under this key.
-RANK_KEY = "rank_json"
 _logger = logging.getLogger(__name__)
 
 
@@ -108,6 +107,7 @@ def train_fn_per_worker(config: dict[str, Any]) -> None:
     pretrained = str(storage.fetch(exp.model.pretrained)) if stage == "trial" and exp.model.pretrained else None
 
     run = loop.build_run(exp, stage, device, rank, world, pretrained)
+    run.started_at = config.get("started_at")  # when the trial's driver started: start-up counts from there
     where = {"rank": rank, "world_size": world, "node_id": ray.get_runtime_context().get_node_id(), "device": device_name(device)}
     run_dir = config.get("run_dir")
     state, source = _start_state(exp, stage, run_dir)

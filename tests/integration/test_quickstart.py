@@ -43,6 +43,27 @@ def test_quickstart_reaches_90_percent(quickstart):
     assert f"mlflow ui --backend-store-uri sqlite:///{out.resolve() / 'mlflow.db'}" in proc.stdout
 
 
+def test_quickstart_reports_where_its_time_went(quickstart):
+    """The sweep's wall-clock breakdown: one line in the log, and on the parent run; its training
+    time is the sum of what the pre-training and the trials recorded (read back independently)."""
+    out, proc = quickstart
+    line = next(ln for ln in proc.stderr.splitlines() if " took " in ln and "start-up" in ln)
+    print(line)
+    client = MlflowClient(f"sqlite:///{out / 'mlflow.db'}")
+    exp = client.get_experiment_by_name("prunetune-quickstart")
+    (parent,) = client.search_runs([exp.experiment_id], filter_string="tags.`prunetune.role` = 'sweep'")
+    m = parent.data.metrics
+    phases = ["startup", "training", "evaluation", "measurement", "logging", "other"]
+    assert sum(m[f"time_{p}_s"] for p in phases) == pytest.approx(m["time_total_s"], abs=0.1)
+    runs = [r for role in ("trial", "pretrain") for r in client.search_runs([exp.experiment_id], filter_string=f"tags.`prunetune.role` = '{role}'")]
+    assert m["time_training_s"] == pytest.approx(sum(r.data.metrics.get("time_train_s", 0.0) for r in runs), abs=0.1)
+    assert m["time_training_s"] > 0.4 * m["time_total_s"]  # most of it trains
+    trained = [r for r in runs if r.data.tags.get("method") == "dynamicvit"]
+    print("time to first step (s):", sorted(round(r.data.metrics["time_to_first_step_s"], 1) for r in trained))
+    # Ray's and Tune's own console chatter stays out of it
+    assert "Trial status:" not in proc.stdout + proc.stderr and "world_rank=" not in proc.stderr
+
+
 def test_quickstart_writes_only_under_out(quickstart):
     out, _ = quickstart
     assert {p.name for p in out.parent.iterdir()} == {"qs"}

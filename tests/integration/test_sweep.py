@@ -150,8 +150,11 @@ def test_sweep_output_shows_progress_and_front(sweep):
     console = proc.stdout + proc.stderr
     assert console.count(" started: keep_ratio=") == 2  # one line per trial start, with its parameters
     assert console.count("epoch 1/") >= 2 and "train_loss" in console  # one line per trial epoch
-    # Ray's per-checkpoint / per-report lines stay out of the console (Tune's tables still print: open)...
+    # Ray's per-checkpoint / per-report lines, its worker-group lines and Tune's tables stay out of the console...
     assert "Checkpoint successfully created" not in console and "Moving model to device" not in console
+    assert "Trial status:" not in console and "│" not in console and "Configuration for experiment" not in console
+    assert "world_rank=" not in console and "PreemptionWatcher" not in console
+    assert "took" in console and "start-up" in console  # the sweep's wall-clock breakdown, in one line
     # ...but are still in Ray's own log files (the workers write those themselves).
     ours = f"Checkpoint successfully created at: Checkpoint(filesystem=local, path={tmp_path.resolve()}"
     logs = [f for f in Path("/tmp/ray").glob("session_*/logs/**/*") if f.suffix in (".err", ".out", ".log") and f.is_file()]

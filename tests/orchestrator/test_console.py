@@ -34,6 +34,22 @@ def test_real_ray_messages_are_noise():
         assert console.is_noise(f"(RayTrainWorker pid=123) {line}"), line
 
 
+def test_worker_group_and_preemption_watcher_lines_are_noise():
+    """As a Train run's controller printed them in a quickstart (2026-11-21): routine, and an
+    error-level line about Ray's own preemption watcher that is not an error."""
+    for line in (
+        "Attempting to start training worker group of size 1 with the following resources: [{'CPU': 2}] * 1",
+        "Started training worker group of size 1: ",
+        "- (ip=192.0.2.2, pid=6093) world_rank=0, local_rank=0, node_rank=0",
+        "[2026-11-21 22:05:53,068 E 5993 6055] core_worker.cc:2465: Actor with class name: 'PreemptionWatcher' and ID: "
+        "'8f079b1fd433326086845ad901000000' has constructor arguments in the object store and max_restarts > 0. If the "
+        "arguments in the object store go out of scope or are lost, the actor restart will fail.",
+    ):
+        assert console.is_noise(line), line
+    # a worker group that cannot start is news
+    assert not console.is_noise("Failed to start training worker group of size 2: timed out after 60 s")
+
+
 def test_progress_and_errors_are_not_noise():
     for line in (
         "(RayTrainWorker pid=1) 17:54:36 orchestrator.loop: pretrain epoch 14/30: train_loss 0.79, val_top1 87.78% (3.0s)",

@@ -4,6 +4,7 @@ from __future__ import annotations
 import dataclasses
 import math
 import shutil
+import time
 
 import pytest
 import torch
@@ -66,10 +67,13 @@ def pretrained(exp, tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def trial(exp, pretrained):
+    started = time.time()  # as a trial's driver marks its start
     run = loop.build_run(exp, "trial", CPU, pretrained_path=str(pretrained["path"]))
+    built = time.time()
+    run.started_at = started
     report = Recorder()
     final = loop.fit(run, report)
-    return {"run": run, "report": report, "final": final}
+    return {"run": run, "report": report, "final": final, "wall": {"build": built - started, "total": time.time() - started}}
 
 
 def test_pretrain_reports_each_epoch(pretrained, exp):
@@ -202,3 +206,20 @@ def test_early_cost_leaves_the_training_random_stream_alone(exp, pretrained):
     torch.manual_seed(1234)
     loop.early_cost(run)
     assert torch.equal(torch.rand(3), expected)
+
+
+def test_reports_carry_the_phase_times(trial, exp):
+    """Each epoch's report carries the cumulative phase times, the final one all of them; checked
+    against the test's own clock: start-up covers building the run, the first step comes after
+    start-up and within the first epoch, and the phases add up to no more than the wall time."""
+    (epoch, _), (final, _) = trial["report"].calls
+    wall = trial["wall"]
+    assert epoch["time_train_s"] >= epoch["epoch_time_s"] > 0  # one epoch so far (plus the epoch-end hook)
+    assert epoch["time_eval_s"] > 0
+    assert epoch.get("time_measure_s", 0.0) < 0.5  # no MO-ASHA: nothing measured before training
+    assert final["time_startup_s"] >= wall["build"]
+    assert final["time_startup_s"] < final["time_to_first_step_s"] < final["time_startup_s"] + epoch["time_train_s"]
+    assert final["time_measure_s"] > 0 and final["time_checkpoint_s"] >= 0
+    phases = sum(final[f"time_{p}_s"] for p in ("startup", "train", "eval", "measure", "checkpoint"))
+    assert phases <= wall["total"] + 1e-3
+    assert final["time_train_s"] >= epoch["time_train_s"] and final["time_eval_s"] > epoch["time_eval_s"] * 0.99

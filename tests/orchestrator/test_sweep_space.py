@@ -8,7 +8,7 @@ import pytest
 import yaml
 
 from orchestrator.config import experiment_from_dict
-from orchestrator.driver import TrialResources
+from orchestrator.driver import TRIAL_RESOURCES
 from orchestrator.errors import ConfigError
 from orchestrator.search_space import load_search_space, load_sweep_space
 from orchestrator.sweep import _searcher
@@ -101,13 +101,10 @@ def test_points_to_evaluate_reach_the_searcher_in_its_names(tmp_path):
     assert sp.trial_experiment(config["params"]).method_config.r == 4
 
 
-def test_trial_resources_put_cpus_on_in_place_trials_only(space):
-    _, sp = space
-    res = TrialResources()
-    train = res({"space": sp, "params": {"method": "dynamicvit", "dynamicvit:keep_ratio": 0.7}}).bundles
-    in_place = res({"space": sp, "params": {"method": "tome", "tome:r": 3}}).bundles
-    assert train[0].get("CPU", 0) == 0  # its Ray Train workers hold the CPUs
-    assert in_place[0]["CPU"] == 1.5  # one worker's share, where it evaluates itself
+def test_every_trial_actor_reserves_memory_only():
+    """Trial actors hold no CPU (Ray Train's workers, or an evaluation task, hold those), and all
+    reserve the same, so Tune can hand a finished trial's actor to the next trial."""
+    assert [dict(b) for b in TRIAL_RESOURCES.bundles] == [{"memory": 512 * 1024**2}]
 
 
 def test_a_search_range_that_breaks_the_backbone_is_refused(tmp_path):
