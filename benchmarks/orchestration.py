@@ -3,7 +3,7 @@
 Both sides train the dense tiny ViT on the digits (the quickstart's model) with ``--workers`` gloo
 ranks of ``--threads`` CPU threads each, for ``--epochs`` epochs, through the same code:
 ``orchestrator.loop.build_run`` + ``loop.fit`` (train, evaluate, rank 0 writes a checkpoint every
-epoch). Ray's side is prunetune's own trainer (``driver._trainer`` with the real per-worker
+epoch). Ray's side is prunetune's own trainer (``driver.make_trainer`` with the real per-worker
 function); torchrun's side wraps the model in DDP itself and saves the checkpoints to a folder.
 Runs alternate (ray, torchrun, ray, ...) for ``--rounds`` rounds; per round:
 
@@ -124,7 +124,7 @@ def run_ray(data: str, epochs: int, workers: int, threads: int, work: Path, inde
 
     path = work / f"ray-{index}.jsonl"
     exp = _experiment(data, epochs, workers, threads)
-    trainer = driver._trainer(exp, "pretrain", f"overhead-{index}", str(work / "ray-runs"), callbacks=[Record(str(path))])
+    trainer = driver.make_trainer(exp, "pretrain", f"overhead-{index}", str(work / "ray-runs"), callbacks=[Record(str(path))])
     start = time.perf_counter()
     trainer.fit()
     wall = time.perf_counter() - start

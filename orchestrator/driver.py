@@ -38,7 +38,7 @@ from .search_space import SweepSpace
 from .timing import Stopwatch
 from .tracking import REFERENCE_ROLE, ROLE_TAG, SEARCHED_TAG, SWEEP_TAG, TRIAL_TAG, Tracker, redact
 
-__all__ = ["run_trial", "train_dense", "scaling_config", "MlflowReportCallback", "TRIAL_RESOURCES", "evaluate_remote", "measure_reference", "evaluate_here"]
+__all__ = ["run_trial", "train_dense", "make_trainer", "scaling_config", "MlflowReportCallback", "TRIAL_RESOURCES", "evaluate_remote", "measure_reference", "evaluate_here"]
 
 _logger = logging.getLogger(__name__)
 _DRIVER_MEMORY = 512 * 1024**2
@@ -69,9 +69,12 @@ def log_final(tracker: Tracker, run_id: str, reported: dict[str, Any]) -> None:
 TRAIN_ENV = {"RAY_TRAIN_HEALTH_CHECK_INTERVAL_S": "0.5"}
 
 
-def _trainer(
+def make_trainer(
     exp: ExperimentConfig, stage: str, name: str, storage_path: str, callbacks: list, started_at: float | None = None,
 ) -> TorchTrainer:
+    """A ``TorchTrainer`` for one run of ``exp`` (``stage``: pretrain|trial) named ``name`` under
+    ``storage_path`` (its checkpoints and Ray's run state); ``started_at``: when the run's driver
+    started it, for the time breakdown (default: now)."""
     for key, value in TRAIN_ENV.items():
         os.environ.setdefault(key, value)
     scaling, torch_config = scaling_config(exp.resources)
@@ -151,7 +154,7 @@ def run_trial(config: dict[str, Any]) -> None:
             _log_driver_times(tracker, run_id, final, timing, started_at)
             tune.report(final)
             return
-        trainer = _trainer(
+        trainer = make_trainer(
             exp, "trial", f"trial_{trial_id}", config["storage_path"],
             callbacks=[TuneReportCallback(), MlflowReportCallback(tracker, run_id, outbox, timing)], started_at=started_at,
         )
@@ -285,7 +288,7 @@ def train_dense(exp: ExperimentConfig, tracker: Tracker) -> str:
     run_id = tracker.start_run(name, params={**flat, "method": "dense"}, tags={ROLE_TAG: "pretrain", "method": "dense", "backbone": exp.model.name})
     started_at, timing = time.time(), Stopwatch()
     outbox = Outbox(tracker, run_id, outbox_path(loop.cache_dir(exp), run_id))
-    trainer = _trainer(exp, "pretrain", name, exp.storage_path, callbacks=[MlflowReportCallback(tracker, run_id, outbox, timing)], started_at=started_at)
+    trainer = make_trainer(exp, "pretrain", name, exp.storage_path, callbacks=[MlflowReportCallback(tracker, run_id, outbox, timing)], started_at=started_at)
     with tracker.ending(run_id):
         result = trainer.fit()
         _log_driver_times(tracker, run_id, {"epoch": exp.pretrain.epochs - 1}, timing, started_at)

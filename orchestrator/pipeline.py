@@ -316,9 +316,9 @@ def _train_stage(pipe: PipelineConfig, stage: StageConfig, exp: ExperimentConfig
     stage finds its checkpoints there and resumes from the newest good one."""
     import torch
 
-    from .driver import MlflowReportCallback, _trainer
+    from .driver import MlflowReportCallback, make_trainer
 
-    trainer = _trainer(exp, "trial", stage.name, pipe.folder, callbacks=[MlflowReportCallback(tracker, run_id)])
+    trainer = make_trainer(exp, "trial", stage.name, pipe.folder, callbacks=[MlflowReportCallback(tracker, run_id)])
     result = trainer.fit()
     if result.checkpoint is not None:
         folder = storage.join(pipe.folder, stage.name, Path(result.checkpoint.path).name)

@@ -406,8 +406,9 @@ def run_sweep(
                 search_alg=_searcher(exp, space, name, optuna_storage), scheduler=_scheduler(exp, name, max(epochs.values())),
                 num_samples=exp.sweep.num_samples, max_concurrent_trials=exp.sweep.max_concurrent_trials,
                 # A finished trial's actor (a process with torch, timm and MLflow imported) runs the next
-                # trial of the same resources: seconds less start-up per trial.
-                reuse_actors=True,
+                # trial: seconds less start-up per trial. Not with early stopping: a trial the scheduler
+                # stops is still inside its TorchTrainer, and Tune would wait for it to hand its actor on.
+                reuse_actors=exp.sweep.asha is None,
             ),
             run_config=tune.RunConfig(
                 name=name, storage_path=exp.storage_path,

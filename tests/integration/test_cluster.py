@@ -28,6 +28,7 @@ from pathlib import Path
 
 import boto3
 import pytest
+from proctree import descendants
 import requests
 import torch
 import yaml
@@ -60,24 +61,9 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-def _descendants(root: int) -> set[int]:
-    """Every live process below ``root`` (read from /proc)."""
-    parents: dict[int, int] = {}
-    for stat in Path("/proc").glob("[0-9]*/stat"):
-        try:
-            parents[int(stat.parent.name)] = int(stat.read_text().rsplit(")", 1)[1].split()[1])
-        except (OSError, ValueError, IndexError):
-            continue
-    found, frontier = set(), {root}
-    while frontier:
-        frontier = {pid for pid, ppid in parents.items() if ppid in frontier} - found
-        found |= frontier
-    return found
-
-
 def _end(proc: subprocess.Popen, grace: float = 20.0) -> None:
     """SIGTERM ``proc`` and all its descendants (it started them), then SIGKILL what is left."""
-    pids = _descendants(proc.pid) | {proc.pid}
+    pids = descendants(proc.pid) | {proc.pid}
     for pid in pids:
         try:
             os.kill(pid, signal.SIGTERM)
@@ -88,7 +74,7 @@ def _end(proc: subprocess.Popen, grace: float = 20.0) -> None:
     except subprocess.TimeoutExpired:
         pass
     time.sleep(1)
-    for pid in pids | _descendants(proc.pid):
+    for pid in pids | descendants(proc.pid):
         try:
             os.kill(pid, signal.SIGKILL)
         except ProcessLookupError:
@@ -363,21 +349,40 @@ def _keys(client, prefix: str) -> list[str]:
 
 @pytest.fixture(scope="module")
 def submitted(ray_cluster, mlflow_pg, digits_dir, tmp_path_factory):
-    """The 2-trial sweep, submitted with ``ray job submit`` and waited for."""
+    """The 2-trial sweep as a user runs it on a cluster: submitted with ``ray job submit``, stopped
+    with ``ray job stop`` once its first trial finished, and resumed by a second submission that
+    finishes it. One sweep serves the placement, storage, credential and stop/resume tests."""
     job_dir = tmp_path_factory.mktemp("job")
     config = _config(job_dir, digits_dir)
+    client = MlflowClient(mlflow_pg)
     start = time.time()
-    proc = _submit(ray_cluster, job_dir, "it-sweep-1", config, "--name", "cl-sweep", "--tracking-uri", mlflow_pg)
-    took = time.time() - start
-    logs = _logs(ray_cluster, "it-sweep-1")
-    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:] + logs[-5000:]
-    print(f"ray job submit of a 2-trial x 2-worker sweep took {took:.0f} s")
-    return proc, logs, MlflowClient(mlflow_pg)
+    proc = _submit(ray_cluster, job_dir, "it-sweep-1", config, "--name", "cl-sweep", "--tracking-uri", mlflow_pg, wait=False)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    # Stop once the first trial finished and Tune started the second (one trial at a time).
+    deadline = time.time() + 600
+    while not (len(trials := _runs(client, "cl-sweep", "trial")) == 2 and any(t.info.status == "FINISHED" for t in trials)):
+        assert _job(ray_cluster, "it-sweep-1")["status"] in ("PENDING", "RUNNING"), _logs(ray_cluster, "it-sweep-1")[-5000:]
+        assert time.time() < deadline, _logs(ray_cluster, "it-sweep-1")[-5000:]
+        time.sleep(1)
+    stop = ray_cluster.ray("job", "stop", "--address", ray_cluster.dashboard, "it-sweep-1", timeout=300)
+    assert stop.returncode == 0, stop.stdout + stop.stderr
+    stopped_status = _wait_job(ray_cluster, "it-sweep-1")
+    (parent,) = _runs(client, "cl-sweep", "sweep")
+    (done,) = [t for t in _runs(client, "cl-sweep", "trial") if t.info.status == "FINISHED"]
+    stopped = {
+        "status": stopped_status, "logs": _logs(ray_cluster, "it-sweep-1"), "parent": parent, "done": done,
+        "history": [(m.step, m.value, m.timestamp) for m in client.get_metric_history(done.info.run_id, "val_top1")],
+    }
+    resume = _submit(ray_cluster, job_dir, "it-sweep-2", config, "--resume", "cl-sweep", "--tracking-uri", mlflow_pg)
+    logs = _logs(ray_cluster, "it-sweep-2")
+    assert resume.returncode == 0, resume.stdout[-3000:] + resume.stderr[-3000:] + logs[-5000:]
+    print(f"ray job submit, stop and resume of a 2-trial x 2-worker sweep took {time.time() - start:.0f} s")
+    return resume, logs, client, stopped
 
 
 def test_submitted_sweep_succeeds_on_two_nodes(ray_cluster, submitted, s3):
-    proc, logs, client = submitted
-    assert _job(ray_cluster, "it-sweep-1")["status"] == "SUCCEEDED"
+    proc, logs, client, _ = submitted
+    assert _job(ray_cluster, "it-sweep-2")["status"] == "SUCCEEDED"
     assert "2 trials, 0 failed" in logs
     (parent,) = _runs(client, "cl-sweep", "sweep")
     assert parent.info.status == "FINISHED"
@@ -398,7 +403,7 @@ def test_submitted_sweep_succeeds_on_two_nodes(ray_cluster, submitted, s3):
 
 
 def test_checkpoints_and_artifacts_are_in_the_bucket(submitted, s3):
-    _, _, client = submitted
+    _, _, client, _ = submitted
     _, s3_client = s3
     keys = _keys(s3_client, "runs/cl-sweep/")
     trial_dirs = {k.split("/")[2] for k in keys if k.endswith("checkpoint_epoch_0000/state.pt")}
@@ -411,45 +416,30 @@ def test_checkpoints_and_artifacts_are_in_the_bucket(submitted, s3):
 
 
 def test_no_credential_reaches_logs_or_mlflow(ray_cluster, submitted):
-    proc, logs, client = submitted
+    proc, logs, client, stopped = submitted
     secret = S3_CREDENTIALS["AWS_SECRET_ACCESS_KEY"]
-    for text in (logs, proc.stdout, proc.stderr):
+    for text in (logs, stopped["logs"], proc.stdout, proc.stderr):
         assert secret not in text and ray_cluster.token not in text
     for run in _runs(client, "cl-sweep", "sweep") + _runs(client, "cl-sweep", "trial"):
         assert secret not in json.dumps(run.data.params) + json.dumps(run.data.tags)
-    assert secret not in json.dumps(_job(ray_cluster, "it-sweep-1"))  # the job's runtime env, as the dashboard shows it
+    for job in ("it-sweep-1", "it-sweep-2"):
+        assert secret not in json.dumps(_job(ray_cluster, job))  # the job's runtime env, as the dashboard shows it
 
 
-def test_ray_job_stop_ends_the_sweep_resumably(ray_cluster, mlflow_pg, digits_dir, tmp_path):
-    config = _config(tmp_path, digits_dir)
-    proc = _submit(ray_cluster, tmp_path, "it-stop-1", config, "--name", "cl-stop", "--tracking-uri", mlflow_pg, wait=False)
-    assert proc.returncode == 0, proc.stdout + proc.stderr
-    client = MlflowClient(mlflow_pg)
-    # Stop once the first trial finished and Tune started the second (one trial at a time).
-    deadline = time.time() + 600
-    while not (len(trials := _runs(client, "cl-stop", "trial")) == 2 and any(t.info.status == "FINISHED" for t in trials)):
-        assert _job(ray_cluster, "it-stop-1")["status"] in ("PENDING", "RUNNING"), _logs(ray_cluster, "it-stop-1")[-5000:]
-        assert time.time() < deadline, _logs(ray_cluster, "it-stop-1")[-5000:]
-        time.sleep(1)
-    stop = ray_cluster.ray("job", "stop", "--address", ray_cluster.dashboard, "it-stop-1", timeout=300)
-    assert stop.returncode == 0, stop.stdout + stop.stderr
-    assert _wait_job(ray_cluster, "it-stop-1") == "STOPPED"
-    logs = _logs(ray_cluster, "it-stop-1")
-    assert "SIGTERM received" in logs and "(interrupted)" in logs, logs[-5000:]
-    (parent,) = _runs(client, "cl-stop", "sweep")
-    assert parent.info.status == "KILLED" and parent.data.tags["prunetune.interrupted"] == "true", logs[-3000:]
-    (done,) = [t for t in _runs(client, "cl-stop", "trial") if t.info.status == "FINISHED"]
-    history = [(m.step, m.value, m.timestamp) for m in client.get_metric_history(done.info.run_id, "val_top1")]
-
-    resume = _submit(ray_cluster, tmp_path, "it-stop-2", config, "--resume", "cl-stop", "--tracking-uri", mlflow_pg)
-    assert resume.returncode == 0, resume.stdout[-3000:] + _logs(ray_cluster, "it-stop-2")[-5000:]
-    assert _job(ray_cluster, "it-stop-2")["status"] == "SUCCEEDED"
-    trials = _runs(client, "cl-stop", "trial")
+def test_ray_job_stop_ends_the_sweep_resumably(submitted):
+    """``ray job stop`` ended the first submission as Ctrl+C does (recorded, interrupted); the second
+    submission's ``--resume`` finished the sweep without running the finished trial again."""
+    _, logs, client, stopped = submitted
+    assert stopped["status"] == "STOPPED"
+    assert "SIGTERM received" in stopped["logs"] and "(interrupted)" in stopped["logs"], stopped["logs"][-5000:]
+    parent, done = stopped["parent"], stopped["done"]
+    assert parent.info.status == "KILLED" and parent.data.tags["prunetune.interrupted"] == "true", stopped["logs"][-3000:]
+    trials = _runs(client, "cl-sweep", "trial")
     assert len(trials) == 2 and all(t.info.status == "FINISHED" for t in trials)
     again = client.get_run(done.info.run_id)
     assert again.info.end_time == done.info.end_time, "a finished trial is never run again"
-    assert [(m.step, m.value, m.timestamp) for m in client.get_metric_history(done.info.run_id, "val_top1")] == history
-    assert f"trial {done.data.tags['prunetune.trial_id']} (dynamicvit) started" not in _logs(ray_cluster, "it-stop-2")
+    assert [(m.step, m.value, m.timestamp) for m in client.get_metric_history(done.info.run_id, "val_top1")] == stopped["history"]
+    assert f"trial {done.data.tags['prunetune.trial_id']} (dynamicvit) started" not in logs
     parent = client.get_run(parent.info.run_id)
     assert parent.info.status == "FINISHED" and "prunetune.interrupted" not in parent.data.tags
 

@@ -16,6 +16,7 @@ from contextlib import closing
 from pathlib import Path
 
 import pytest
+from proctree import descendants
 import requests
 import yaml
 from mlflow import MlflowClient
@@ -59,21 +60,6 @@ def _mlflow_bin() -> str:
     return shutil.which("mlflow", path=str(Path(sys.executable).parent)) or "mlflow"
 
 
-def _descendants(root: int) -> set[int]:
-    """The pids below ``root`` (this test's own process tree: its local Ray's GCS, raylet and workers)."""
-    parents: dict[int, int] = {}
-    for stat in Path("/proc").glob("[0-9]*/stat"):
-        try:
-            parents[int(stat.parent.name)] = int(stat.read_text().rsplit(")", 1)[1].split()[1])
-        except (OSError, IndexError, ValueError):  # the process ended meanwhile
-            continue
-    found, frontier = set(), {root}
-    while frontier:
-        frontier = {pid for pid, ppid in parents.items() if ppid in frontier} - found
-        found |= frontier
-    return found
-
-
 def _alive(pids: set[int]) -> set[int]:
     alive = set()
     for pid in pids:
@@ -89,7 +75,7 @@ def _alive(pids: set[int]) -> set[int]:
 def _end(proc: subprocess.Popen | None, tree: set[int] = frozenset()) -> None:
     """SIGKILL ``proc`` and the processes of its tree recorded earlier (``tree``) that are still there."""
     if proc is not None and proc.poll() is None:
-        tree = set(tree) | _descendants(proc.pid)
+        tree = set(tree) | descendants(proc.pid)
         proc.kill()
         proc.wait(timeout=30)
     for pid in _alive(set(tree)):
@@ -149,7 +135,7 @@ def test_sigkilled_driver_resumes_without_rerunning_or_duplicating(tmp_path, dig
             return bool(_sql(db, f"SELECT 1 FROM tags WHERE run_uuid = '{second}' AND key = 'checkpoint_uri'"))
 
         _wait(first_done_second_checkpointed, proc, tmp_path, what="trial 1 finished, trial 2 checkpointed")
-        tree = _descendants(proc.pid)
+        tree = descendants(proc.pid)
         assert tree, "the driver's local Ray runs below it"
         proc.send_signal(signal.SIGKILL)  # no graceful shutdown
         proc.wait(timeout=30)
@@ -209,7 +195,7 @@ def _healthy(uri: str) -> bool:
 
 def _stop_server(server: subprocess.Popen) -> None:
     if server.poll() is None:
-        tree = _descendants(server.pid)
+        tree = descendants(server.pid)
         server.terminate()
         try:
             server.wait(timeout=20)

@@ -13,6 +13,7 @@ from pathlib import Path
 
 import optuna
 import pytest
+from proctree import descendants
 import yaml
 from mlflow import MlflowClient
 
@@ -57,27 +58,11 @@ def _committed_checkpoint(tmp_path: Path) -> str:
     return row[0] if row else ""
 
 
-def _descendants(root_pid: int) -> set[int]:
-    """The pids below ``root_pid`` (the CLI process a test started: its local Ray and Ray's workers)."""
-    parents: dict[int, int] = {}
-    for stat in Path("/proc").glob("[0-9]*/stat"):
-        try:
-            fields = stat.read_text().rsplit(")", 1)[1].split()
-        except OSError:  # the process ended meanwhile
-            continue
-        parents[int(stat.parent.name)] = int(fields[1])
-    descendants, frontier = set(), {root_pid}
-    while frontier:
-        frontier = {pid for pid, ppid in parents.items() if ppid in frontier} - descendants
-        descendants |= frontier
-    return descendants
-
-
 def _kill_own_train_workers(root_pid: int) -> bool:
     """SIGKILL the Ray Train workers of the sweep this test started: its own local Ray runs under the
     CLI process, so they are found among that process's descendants, never by a machine-wide pattern."""
     killed = False
-    for pid in _descendants(root_pid):
+    for pid in descendants(root_pid):
         try:
             if b"ray::RayTrainWorker" in Path(f"/proc/{pid}/cmdline").read_bytes():
                 os.kill(pid, signal.SIGKILL)
@@ -91,7 +76,7 @@ def _end(proc: subprocess.Popen) -> None:
     """SIGKILL ``proc`` and its process tree if it is still running (an assertion failed first)."""
     if proc.poll() is not None:
         return
-    tree = _descendants(proc.pid)
+    tree = descendants(proc.pid)
     proc.kill()
     proc.wait(timeout=30)
     for pid in tree:
