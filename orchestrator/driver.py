@@ -156,7 +156,7 @@ def run_trial(config: dict[str, Any]) -> None:
             return
         trainer = make_trainer(
             exp, "trial", f"trial_{trial_id}", config["storage_path"],
-            callbacks=[TuneReportCallback(), MlflowReportCallback(tracker, run_id, outbox, timing)], started_at=started_at,
+            callbacks=[TuneReportCallback(), MlflowReportCallback(tracker, run_id, outbox)], started_at=started_at,
         )
         try:
             trainer.fit()
@@ -288,7 +288,7 @@ def train_dense(exp: ExperimentConfig, tracker: Tracker) -> str:
     run_id = tracker.start_run(name, params={**flat, "method": "dense"}, tags={ROLE_TAG: "pretrain", "method": "dense", "backbone": exp.model.name})
     started_at, timing = time.time(), Stopwatch()
     outbox = Outbox(tracker, run_id, outbox_path(loop.cache_dir(exp), run_id))
-    trainer = make_trainer(exp, "pretrain", name, exp.storage_path, callbacks=[MlflowReportCallback(tracker, run_id, outbox, timing)], started_at=started_at)
+    trainer = make_trainer(exp, "pretrain", name, exp.storage_path, callbacks=[MlflowReportCallback(tracker, run_id, outbox)], started_at=started_at)
     with tracker.ending(run_id):
         result = trainer.fit()
         _log_driver_times(tracker, run_id, {"epoch": exp.pretrain.epochs - 1}, timing, started_at)

@@ -41,11 +41,13 @@ class MlflowReportCallback(UserCallback):
     reach MLflow with their own steps and times once it answers again; training never waits.
     """
 
-    def __init__(self, tracker: Tracker, run_id: str, outbox: Outbox | None = None, timing: Stopwatch | None = None) -> None:
+    def __init__(self, tracker: Tracker, run_id: str, outbox: Outbox | None = None) -> None:
         self.tracker = tracker
         self.run_id = run_id
         self.outbox = outbox or Outbox(tracker, run_id, outbox_path(Path(tempfile.gettempdir()) / "prunetune", run_id))
-        self.timing = timing or Stopwatch()  # what logging to MLflow costs (the sweep's time breakdown)
+        # What logging to MLflow costs, counted where it happens (Train's controller holds a copy of
+        # this callback) and sent with the next report as ``time_report_logging_s``.
+        self.timing = Stopwatch()
 
     def after_report(self, run_context, metrics: list[dict[str, Any]], checkpoint) -> None:
         with self.timing("logging"):
