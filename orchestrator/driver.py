@@ -151,7 +151,7 @@ def run_trial(config: dict[str, Any]) -> None:
     with tracker.ending(run_id):
         if exp.train.epochs == 0:
             final = evaluate_remote(exp, tracker, run_id, started_at)
-            _log_driver_times(tracker, run_id, final, timing, started_at)
+            _log_driver_times(tracker, run_id, int(final.get("epoch", 0)), started_at, timing)
             tune.report(final)
             return
         trainer = make_trainer(
@@ -167,13 +167,14 @@ def run_trial(config: dict[str, Any]) -> None:
         finally:
             outbox.flush_waiting(timeout=600)  # metrics delayed by an MLflow outage, before the run ends
         with contextlib.suppress(Exception):  # a record of where the time went, never a reason to fail the trial
-            _log_driver_times(tracker, run_id, {"epoch": exp.train.epochs - 1}, timing, started_at)
+            _log_driver_times(tracker, run_id, exp.train.epochs - 1, started_at, timing)
 
 
-def _log_driver_times(tracker: Tracker, run_id: str, final: dict[str, Any], timing: Stopwatch, started_at: float) -> None:
-    """The trial driver's MLflow time and the trial's wall time, on its run (``orchestrator.timing``)."""
-    times = {"time_logging_s": timing.totals.get("logging", 0.0), "time_trial_s": time.time() - started_at}
-    tracker.log_metrics(run_id, times, step=int(final.get("epoch", 0)))
+def _log_driver_times(tracker: Tracker, run_id: str, step: int, started_at: float, timing: Stopwatch | None = None) -> None:
+    """The run's wall time and its driver's own MLflow time (``timing``'s ``logging``), on the run
+    at ``step`` (``orchestrator.timing``)."""
+    logging_s = timing.totals.get("logging", 0.0) if timing else 0.0
+    tracker.log_metrics(run_id, {"time_logging_s": logging_s, "time_trial_s": time.time() - started_at}, step=step)
 
 
 def failure_reason(error: BaseException) -> str:
@@ -206,11 +207,9 @@ def _local_device() -> torch.device:
     return torch.device("cuda", 0) if gpus and torch.cuda.is_available() else torch.device("cpu")
 
 
-def evaluate_here(
-    exp: ExperimentConfig, tracker: Tracker, run_id: str, started_at: float | None = None, timing: Stopwatch | None = None,
-) -> dict[str, float]:
-    """Evaluate and measure ``exp``'s model as built, in this process, on one worker's resources; log to ``run_id``."""
-    timing = timing or Stopwatch()
+def evaluate_here(exp: ExperimentConfig, tracker: Tracker, run_id: str, started_at: float | None = None) -> dict[str, float]:
+    """Evaluate and measure ``exp``'s model as built, in this process, on one worker's resources; log to
+    ``run_id``, with what the logging cost (``time_report_logging_s``, as Train's controller reports it)."""
     device = _local_device()
     if device.type == "cpu":
         torch.set_num_threads(max(1, int(exp.resources.cpus_per_worker)))
@@ -218,10 +217,11 @@ def evaluate_here(
     run = loop.build_run(exp, "trial", device, pretrained_path=pretrained)
     run.started_at = time.time() if started_at is None else started_at
     final = loop.fit(run, lambda metrics, state: None)
-    with timing("logging"):
-        log_final(tracker, run_id, final)
-        where = {"rank": 0, "world_size": 1, "node_id": ray.get_runtime_context().get_node_id() if ray.is_initialized() else "", "device": device_name(device)}
-        tracker.set_tags(run_id, {RANKS_TAG: json.dumps([where]), DEVICE_TAG: where["device"]})
+    logging_started = time.perf_counter()
+    log_final(tracker, run_id, final)
+    where = {"rank": 0, "world_size": 1, "node_id": ray.get_runtime_context().get_node_id() if ray.is_initialized() else "", "device": device_name(device)}
+    tracker.set_tags(run_id, {RANKS_TAG: json.dumps([where]), DEVICE_TAG: where["device"]})
+    tracker.log_metrics(run_id, {"time_report_logging_s": time.perf_counter() - logging_started}, step=int(final.get("epoch", 0)))
     return {k: v for k, v in final.items() if k != loop.TABLES_KEY}
 
 
@@ -286,12 +286,12 @@ def train_dense(exp: ExperimentConfig, tracker: Tracker) -> str:
     _logger.info("training the dense %s first (%d epochs): it is the starting point and teacher", exp.model.name, exp.pretrain.epochs)
     flat = {k: v for k, v in to_flat_dict(exp).items() if not k.startswith(("train.", "sweep."))}
     run_id = tracker.start_run(name, params={**flat, "method": "dense"}, tags={ROLE_TAG: "pretrain", "method": "dense", "backbone": exp.model.name})
-    started_at, timing = time.time(), Stopwatch()
+    started_at = time.time()
     outbox = Outbox(tracker, run_id, outbox_path(loop.cache_dir(exp), run_id))
     trainer = make_trainer(exp, "pretrain", name, exp.storage_path, callbacks=[MlflowReportCallback(tracker, run_id, outbox)], started_at=started_at)
     with tracker.ending(run_id):
         result = trainer.fit()
-        _log_driver_times(tracker, run_id, {"epoch": exp.pretrain.epochs - 1}, timing, started_at)
+        _log_driver_times(tracker, run_id, exp.pretrain.epochs - 1, started_at)
         with result.checkpoint.as_directory() as d:
             state = worker.load_state(Path(d) / worker.STATE_FILE)
         with tempfile.TemporaryDirectory() as tmp:

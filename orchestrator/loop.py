@@ -138,14 +138,19 @@ def build_run(
     run.optimizer = torch.optim.AdamW(method.param_groups(raw, method_cfg, train_cfg.lr, train_cfg.weight_decay), lr=train_cfg.lr)
     steps = len(train_loader)
     total_steps = (train_cfg.schedule_epochs or train_cfg.epochs) * steps
+    timm_scheduler_log = logging.getLogger("timm.scheduler.cosine_lr")
+    level = timm_scheduler_log.level
     if total_steps == 0:  # nothing to train (evaluation only): timm would warn that its one-step schedule does nothing
-        logging.getLogger("timm.scheduler.cosine_lr").setLevel(logging.ERROR)
-    run.scheduler = CosineLRScheduler(
-        run.optimizer, t_initial=max(1, total_steps), lr_min=train_cfg.min_lr,
-        warmup_t=int(train_cfg.warmup_epochs * steps), warmup_lr_init=train_cfg.min_lr, t_in_epochs=False,
-    )
+        timm_scheduler_log.setLevel(logging.ERROR)
+    try:
+        run.scheduler = CosineLRScheduler(
+            run.optimizer, t_initial=max(1, total_steps), lr_min=train_cfg.min_lr,
+            warmup_t=int(train_cfg.warmup_epochs * steps), warmup_lr_init=train_cfg.min_lr, t_in_epochs=False,
+        )
+    finally:
+        timm_scheduler_log.setLevel(level)
     run.scaler = torch.amp.GradScaler(device.type, enabled=_amp_dtype(run) == torch.float16)
-    run.hooks = method.hooks(raw, method_cfg, run.optimizer, total_steps=(train_cfg.schedule_epochs or train_cfg.epochs) * steps)
+    run.hooks = method.hooks(raw, method_cfg, run.optimizer, total_steps=total_steps)
     run.nan_guard = NanGuard(train_cfg.nan_guard)
     run.nan_guard.attach(run)
     return run

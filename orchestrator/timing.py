@@ -3,7 +3,8 @@
 Each run's loop keeps a ``Stopwatch`` and reports its cumulative phase times with every epoch
 (``time_train_s``, ``time_eval_s``, ...), so a run's MLflow history shows them and its last value is
 the total. A trial's driver adds what it spends on MLflow (``time_logging_s``) and its own wall time
-(``time_trial_s``); Ray Train's controller, what logging the reports cost (``time_report_logging_s``).
+(``time_trial_s``); the process that logs its results (Ray Train's controller, or an evaluation
+task), what that logging cost (``time_report_logging_s``).
 At the end of a sweep ``sweep_breakdown`` adds these up over the sweep's runs beside the sweep's own
 phases (checks and Ray's start, the dense pre-training, the reference measurement, the front and
 report), and the sweep logs it in one line and on its parent run (``time_*`` metrics and
