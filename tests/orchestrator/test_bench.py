@@ -8,20 +8,14 @@ import torch
 
 from orchestrator import cli
 
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
+
 TINY = ["model.img_size=32", "model.patch_size=4", "model.depth=4", "model.embed_dim=96", "model.num_heads=3"]
 REQUIRED = {
     "speedup", "efficiency", "gflops", "dense_gflops", "throughput_ips", "dense_throughput_ips", "latency_ms", "dense_latency_ms",
     "latency_spread", "dense_latency_spread", "throughput_spread", "dense_throughput_spread", "speedup_spread",
     "speedup_min", "speedup_max", "flops_bound", "machine", "setting", "batch", "precision", "compile", "device",
 }
-
-
-@pytest.fixture(autouse=True)
-def _one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
 
 
 def _bench(capsys, method: str, *args: str, sets: tuple[str, ...] = ()) -> tuple[int, str, str]:

@@ -3,7 +3,6 @@ from __future__ import annotations
 
 import dataclasses
 import math
-import shutil
 import time
 
 import pytest
@@ -12,30 +11,9 @@ import torch
 from orchestrator import loop
 
 CPU = torch.device("cpu")
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
-@pytest.fixture(scope="module", autouse=True)
-def _one_torch_thread():
-    """One intra-op thread: on 2 shared cores, two OpenMP threads made an epoch 2x slower (measured)."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
-
-TRAIN_PER_CLASS, VAL_PER_CLASS = 32, 12
-
-
-@pytest.fixture(scope="module")
-def small_digits(digits_root, tmp_path_factory):
-    """The first 32 train / 12 val digits of each class (320 / 120 images): 5 optimizer steps an epoch."""
-    root = tmp_path_factory.mktemp("small") / "digits"
-    for split, n in (("train", TRAIN_PER_CLASS), ("val", VAL_PER_CLASS)):
-        for folder in sorted((digits_root / split).iterdir()):
-            (root / split / folder.name).mkdir(parents=True)
-            for f in sorted(folder.glob("*.png"))[:n]:
-                shutil.copy(f, root / split / folder.name / f.name)
-    return root
 
 
 class Recorder:
@@ -88,10 +66,12 @@ def test_pretrain_reports_each_epoch(pretrained, exp):
     assert pretrained["final"] == {k: v for k, v in metrics.items() if k.startswith("val_") or k == "epoch"}
 
 
-def test_pretrain_checkpoint_state(pretrained):
+def test_pretrain_checkpoint_state(pretrained, small_digits):
     run = pretrained["run"]
     state = pretrained["report"].calls[0][1]
-    assert state["epoch"] == 0 and state["step"] == run.step == len(run.train_loader) == 10 * TRAIN_PER_CLASS // 64
+    images = len(list(small_digits.glob("train/*/*.png")))  # 10 classes x 32
+    assert images == 320
+    assert state["epoch"] == 0 and state["step"] == run.step == len(run.train_loader) == images // 64
     assert state["stage"] == "pretrain" and state["method"] == "dense"
     assert set(state["model"]) == set(run.raw.state_dict()) and all(k.startswith("vit.") for k in state["model"])
     assert state["optimizer"]["state"] and "param_groups" in state["optimizer"]

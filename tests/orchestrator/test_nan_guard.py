@@ -5,7 +5,6 @@ from __future__ import annotations
 import dataclasses
 import json
 import os
-import shutil
 import socket
 import traceback
 from pathlib import Path
@@ -72,20 +71,14 @@ def _rank_main(rank: int, port: int, scenarios: list, folder: str) -> None:
 
 
 @pytest.fixture(scope="module")
-def outcomes(digits_root, make_tiny_experiment, tmp_path_factory):
+def outcomes(make_digits_subset, make_tiny_experiment, tmp_path_factory):
     """Three 2-epoch dense runs on 2 ranks, NaN injected on rank 1 only:
 
     * ``skip``: once at step 2 (epoch 0), policies as shipped -> the batch is skipped;
     * ``rollback``: once at step 7 (epoch 1), policy ``lower_lr`` -> back to the epoch-0 checkpoint, LR x 0.5;
     * ``give_up``: at every step from 7, policies (skip_batch, lower_lr), 2 retries -> the run fails.
     """
-    root = tmp_path_factory.mktemp("nan") / "digits"
-    for split, n in (("train", 16), ("val", 4)):
-        for folder in sorted((digits_root / split).iterdir()):
-            (root / split / folder.name).mkdir(parents=True)
-            for f in sorted(folder.glob("*.png"))[:n]:
-                shutil.copy(f, root / split / folder.name / f.name)
-    base = make_tiny_experiment(root)
+    base = make_tiny_experiment(make_digits_subset(16, 4))
     base = dataclasses.replace(base, model=dataclasses.replace(base.model, depth=2, embed_dim=48, num_heads=2))
 
     def exp(**guard):

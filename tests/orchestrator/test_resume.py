@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import dataclasses
 import random
-import shutil
 
 import numpy as np
 import pytest
@@ -16,27 +15,8 @@ from orchestrator import checkpoints, loop
 from orchestrator.resume import CheckpointMismatchError, ResumableSampler
 
 CPU = torch.device("cpu")
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 STEPS_PER_EPOCH = 5  # 320 images / batch 64
-
-
-@pytest.fixture(scope="module", autouse=True)
-def _one_torch_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
-
-@pytest.fixture(scope="module")
-def small_digits(digits_root, tmp_path_factory):
-    """32 train / 12 val digits per class: 5 optimizer steps an epoch at batch 64."""
-    root = tmp_path_factory.mktemp("small") / "digits"
-    for split, n in (("train", 32), ("val", 12)):
-        for folder in sorted((digits_root / split).iterdir()):
-            (root / split / folder.name).mkdir(parents=True)
-            for f in sorted(folder.glob("*.png"))[:n]:
-                shutil.copy(f, root / split / folder.name / f.name)
-    return root
 
 
 @pytest.fixture(scope="module")
