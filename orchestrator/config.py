@@ -151,8 +151,15 @@ class ResourcesConfig:
     gpus_per_worker: float = 0.0
     placement_strategy: Literal["PACK", "SPREAD", "STRICT_PACK", "STRICT_SPREAD"] = "PACK"
     max_failures: int = 1
+    #: How many times Ray Train tries again to start a trial's workers when they do not all start
+    #: within its timeout (60 s, ``RAY_TRAIN_WORKER_GROUP_START_TIMEOUT_S``): long enough for an
+    #: autoscaler to add a GPU node, bounded so that a trial whose workers never start fails with
+    #: the reason instead of waiting forever (Ray's default: no limit).
+    worker_start_retries: int = 10
 
     def __post_init__(self) -> None:
+        if self.worker_start_retries < 0:
+            raise ValueError(f"worker_start_retries must be >= 0, got {self.worker_start_retries}")
         if self.num_workers < 1:
             raise ValueError(f"num_workers must be >= 1, got {self.num_workers}")
         if self.num_workers > 1 and 0 < self.gpus_per_worker < 1:

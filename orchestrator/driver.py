@@ -89,7 +89,9 @@ def make_trainer(
             name=name,
             storage_path=storage_path,
             checkpoint_config=CheckpointConfig(num_to_keep=keep),
-            failure_config=ray.train.FailureConfig(max_failures=exp.resources.max_failures),
+            failure_config=ray.train.FailureConfig(
+                max_failures=exp.resources.max_failures, controller_failure_limit=exp.resources.worker_start_retries,
+            ),
             callbacks=callbacks,
         ),
     )

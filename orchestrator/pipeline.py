@@ -50,7 +50,7 @@ _logger = logging.getLogger(__name__)
 PIPELINE_TAG = "prunetune.pipeline"
 STAGE_TAG = "prunetune.stage"
 #: Inputs that may change between runs without changing what a stage computes.
-_NOT_INPUTS = ("tracking.", "name", "storage_path", "sweep.max_concurrent_trials", "resources.max_failures", "data.loader_workers")
+_NOT_INPUTS = ("tracking.", "name", "storage_path", "sweep.max_concurrent_trials", "resources.max_failures", "resources.worker_start_retries", "data.loader_workers")
 
 
 @dataclass(frozen=True)
@@ -242,6 +242,12 @@ def run_pipeline(path: str | Path, resume: bool = False, tracking_uri: str | Non
     for stage in pipe.stages:
         check_image_folder(stage_experiment(pipe, stage).data.path)
     manifests = _check_resume(pipe, resume)
+    names = [s.name for s in pipe.stages]
+    if names and all(manifests.get(n, {}).get("status") == "finished" for n in names):
+        # every stage finished earlier: no Ray to start, nothing to record
+        for n in names:
+            _logger.info("stage %s finished earlier (checkpoint %s): skipped", n, redact(manifests[n].get("checkpoint") or ""))
+        return PipelineOutcome(pipe.name, manifests[names[-1]].get("pipeline_run_id", ""), [], names, manifests)
     tracker = Tracker(uri, pipe.tracking.experiment)
 
     from .sweep import init_ray

@@ -29,7 +29,7 @@ from .errors import ConfigError
 from .pareto import hypervolume
 from .schedulers import MultiObjectiveASHA, RecordingASHA, ledger as _ledger, trial_epochs
 from .search_space import SweepSpace
-from .timing import Stopwatch, format_breakdown, sweep_breakdown
+from .timing import PHASES, Stopwatch, format_breakdown, sweep_breakdown
 from .tracking import (
     HYPERVOLUME_METRIC, INTERRUPTED_TAG, OBJECTIVES_TAG, ROLE_TAG, SEARCHED_TAG, STOPPED_EARLY_TAG, SWEEP_TAG, Tracker,
     check_reachable, param_value, redact, resolve_uri,
@@ -309,15 +309,17 @@ def _log_breakdown(tracker: Tracker, name: str, parent: str, exp: ExperimentConf
     """Where the sweep's wall time went (``orchestrator.timing``): one log line, and on the parent run
     as ``time_<phase>_s`` metrics and ``timing.json``. A record only: a failure warns."""
     try:
-        runs = [r for r in tracker.children(parent) if r.data.tags.get(ROLE_TAG) == "trial"]
+        runs = [dict(r.data.metrics) for r in tracker.children(parent) if r.data.tags.get(ROLE_TAG) == "trial"]
+        pretrain = None
         if phases.totals.get("pretrain"):  # trained by this sweep: its own phases, from its run
-            runs += [
-                r for r in tracker.search_runs(f"tags.`{ROLE_TAG}` = 'pretrain' AND tags.`mlflow.runName` = '{driver.pretrain_run_name(exp)}'")
+            pretrain = next((
+                dict(r.data.metrics)
+                for r in tracker.search_runs(f"tags.`{ROLE_TAG}` = 'pretrain' AND tags.`mlflow.runName` = '{driver.pretrain_run_name(exp)}'")
                 if r.info.start_time >= started * 1000 - 1000
-            ]
-        breakdown = sweep_breakdown(time.time() - started, phases.totals, [dict(r.data.metrics) for r in runs])
+            ), None)
+        breakdown = sweep_breakdown(time.time() - started, phases.totals, runs, pretrain)
         breakdown.update({f"sweep_{k}": round(v, 2) for k, v in phases.totals.items()})
-        tracker.log_metrics(parent, {f"time_{k}_s": v for k, v in breakdown.items() if k not in ("total", "trial_count")} | {"time_total_s": breakdown["total"]})
+        tracker.log_metrics(parent, {f"time_{k}_s": breakdown[k] for k in (*PHASES, "total", "trial_seconds")} | {f"time_{k}": breakdown[k] for k in ("trial_scale", "pretrain_scale")})
         tracker.log_text(parent, json.dumps(breakdown, indent=1), "timing.json")
         _logger.info("sweep %s took %s", name, format_breakdown(breakdown))
     except Exception as e:

@@ -71,9 +71,11 @@ def test_digits_pipeline_runs_resumes_and_refuses_changed_inputs(tmp_path, digit
     assert [x.step for x in client.get_metric_history(main["mlflow_run_id"], "train_loss")] == [1]
     first_top1 = main["metrics"]["val_top1"]
 
-    # --resume: nothing is re-run, nothing new is recorded
+    # --resume: nothing is re-run, nothing new is recorded, and no Ray is started (no new session of it)
+    sessions = set(Path("/tmp/ray").glob("session_2*"))
     again = run_cli(*args, "--resume", cwd=tmp_path, timeout=600)
     assert again.returncode == 0, again.stderr[-4000:]
+    assert set(Path("/tmp/ray").glob("session_2*")) == sessions
     assert "ran nothing; skipped (finished earlier) warmup, main" in again.stdout
     assert _manifests(folder) == m
     assert len(client.search_runs([exp_id])) == 3

@@ -166,3 +166,18 @@ def test_unreachable_endpoint(s3, monkeypatch):
     message = str(e.value)
     assert message == f"'s3://{BUCKET}/runs': S3 endpoint http://127.0.0.1:{port} is unreachable (AWS_ENDPOINT_URL?)"
     assert SECRET not in message
+
+
+def test_workers_that_never_start_are_retried_a_bounded_number_of_times(tmp_path):
+    """Ray Train's own default retries a worker group that never starts forever (a trial then hangs
+    its sweep); the trainer a trial gets stops after ``resources.worker_start_retries``."""
+    from orchestrator import driver
+    from orchestrator.config import ExperimentConfig
+
+    exp = ExperimentConfig(resources=ResourcesConfig(worker_start_retries=3))
+    trainer = driver.make_trainer(exp, "trial", "t", str(tmp_path), callbacks=[])
+    assert trainer.run_config.failure_config.controller_failure_limit == 3
+    default = driver.make_trainer(ExperimentConfig(), "trial", "t", str(tmp_path), callbacks=[])
+    assert default.run_config.failure_config.controller_failure_limit == 10
+    with pytest.raises(ValueError, match="worker_start_retries must be >= 0, got -1"):
+        ResourcesConfig(worker_start_retries=-1)
