@@ -108,3 +108,58 @@ def test_digits_pipeline_runs_resumes_and_refuses_changed_inputs(tmp_path, digit
     assert refused.returncode == 2
     assert "prunetune: error: stage warmup: its inputs changed since it ran (train.lr: 0.001 -> 0.002)" in refused.stderr
     assert _manifests(folder) == m3 and len(client.search_runs([exp_id])) == 3
+
+
+def test_a_sweep_stage_searches_from_the_dense_stages_backbone(tmp_path, digits_dir, mlflow_server, run_cli):
+    """A dense train stage, then a sweep stage (ToMe, training-free) whose every trial starts from the
+    backbone the dense stage exported; its sweep is nested under the pipeline run; --resume skips both."""
+    import yaml
+
+    (tmp_path / "data").mkdir()
+    (tmp_path / "data" / "digits").symlink_to(digits_dir)
+    exp = yaml.safe_load((REPO / "pipelines" / "experiments" / "digits_evovit.yaml").read_text())
+    exp["data"]["path"] = "data/digits"
+    exp["storage_path"] = "runs"
+    experiment = "test-pipeline-sweep"
+    exp["tracking"] = {"experiment": experiment}
+    exp["train"].update(epochs=4, lr=2.0e-3, checkpoint_every_steps=0)
+    exp["resources"] = {"num_workers": 1, "cpus_per_worker": 2}
+    (tmp_path / "dense.yaml").write_text(yaml.safe_dump({**exp, "method": "dense"}))
+    (tmp_path / "tome.yaml").write_text(yaml.safe_dump({
+        **exp, "method": {"name": "tome"},
+        "sweep": {"search_space": "tome", "num_samples": 2, "max_concurrent_trials": 1, "seed": 0},
+    }))
+    pipeline = tmp_path / "p.yaml"
+    pipeline.write_text(yaml.safe_dump({
+        "name": "dense-then-tome", "storage_path": "runs", "tracking": {"experiment": experiment},
+        "stages": [{"name": "dense", "kind": "train", "config": "dense.yaml"},
+                   {"name": "search", "kind": "sweep", "config": "tome.yaml", "from": "dense"}],
+    }))
+    args = ("pipeline", str(pipeline), "--tracking-uri", mlflow_server)
+    first = run_cli(*args, cwd=tmp_path, timeout=900)
+    assert first.returncode == 0, first.stderr[-4000:]
+    m = _manifests(tmp_path / "runs" / "dense-then-tome")
+    assert {k: v["status"] for k, v in m.items()} == {"dense": "finished", "search": "finished"}
+    backbone = m["dense"]["backbone"]
+    assert m["search"]["upstream_checkpoint"] == backbone and Path(backbone).is_file()
+
+    client = MlflowClient(mlflow_server)
+    exp_id = client.get_experiment_by_name(experiment).experiment_id
+    (pipe_run,) = client.search_runs([exp_id], filter_string="tags.`prunetune.role` = 'pipeline'")
+    (sweep_run,) = client.search_runs([exp_id], filter_string="tags.`prunetune.role` = 'sweep'")
+    assert sweep_run.info.run_id == m["search"]["mlflow_run_id"] and sweep_run.info.status == "FINISHED"
+    assert sweep_run.data.tags["mlflow.parentRunId"] == pipe_run.info.run_id
+    trials = client.search_runs([exp_id], filter_string="tags.`prunetune.role` = 'trial'")
+    assert len(trials) == 2 and all(t.info.status == "FINISHED" for t in trials)
+    assert {t.data.params["model.pretrained"] for t in trials} == {backbone}  # every trial from the dense stage's weights
+    # the dense stage's trained weights, not random ones (10% on the digits): ToMe keeps most of its accuracy
+    (dense_run,) = client.search_runs([exp_id], filter_string="tags.`prunetune.stage` = 'dense' AND tags.`prunetune.role` = 'stage'")
+    dense_top1 = dense_run.data.metrics["val_top1"]
+    assert dense_top1 > 30.0
+    assert all(t.data.metrics["val_top1"] >= 0.7 * dense_top1 for t in trials), [t.data.metrics["val_top1"] for t in trials]
+
+    recorded = len(client.search_runs([exp_id]))
+    again = run_cli(*args, "--resume", cwd=tmp_path, timeout=600)
+    assert again.returncode == 0, again.stderr[-4000:]
+    assert "ran nothing; skipped (finished earlier) dense, search" in again.stdout
+    assert len(client.search_runs([exp_id])) == recorded
