@@ -25,6 +25,8 @@ sweep run is nested under the pipeline run.
 """
 from __future__ import annotations
 
+import contextlib
+
 import dataclasses
 import hashlib
 import json
@@ -242,20 +244,10 @@ def run_pipeline(path: str | Path, resume: bool = False, tracking_uri: str | Non
     for stage in pipe.stages:
         check_image_folder(stage_experiment(pipe, stage).data.path)
     manifests = _check_resume(pipe, resume)
-    names = [s.name for s in pipe.stages]
-    if names and all(manifests.get(n, {}).get("status") == "finished" for n in names):
-        # every stage finished earlier: no Ray to start, nothing to record
-        for n in names:
-            _logger.info("stage %s finished earlier (checkpoint %s): skipped", n, redact(manifests[n].get("checkpoint") or ""))
-        return PipelineOutcome(pipe.name, manifests[names[-1]].get("pipeline_run_id", ""), [], names, manifests)
     tracker = Tracker(uri, pipe.tracking.experiment)
-
-    from .sweep import init_ray
-
-    init_ray(address)
-    parent = _pipeline_run(tracker, pipe, manifests)
+    parent = None  # the pipeline's run, reopened (and Ray started) once a stage has to run
     ran, skipped = [], []
-    with tracker.ending(parent):
+    with contextlib.ExitStack() as stack:
         for stage in pipe.stages:
             upstream = manifests[stage.from_] if stage.from_ else None
             up_uri = (upstream["checkpoint"] if stage.kind == "train" else upstream.get("backbone")) if upstream else None
@@ -270,8 +262,16 @@ def run_pipeline(path: str | Path, resume: bool = False, tracking_uri: str | Non
                     _logger.info("stage %s finished earlier (checkpoint %s): skipped", stage.name, redact(previous.get("checkpoint") or ""))
                     skipped.append(stage.name)
                     continue
+            if parent is None:
+                from .sweep import init_ray
+
+                init_ray(address)
+                parent = _pipeline_run(tracker, pipe, manifests)
+                stack.enter_context(tracker.ending(parent))
             manifests[stage.name] = _run_stage(pipe, stage, exp, tracker, parent, previous, inputs, ident, up_uri, up_sha)
             ran.append(stage.name)
+    if parent is None:  # every stage had finished earlier: no Ray started, nothing recorded
+        parent = next((m["pipeline_run_id"] for m in manifests.values() if m.get("pipeline_run_id")), "")
     return PipelineOutcome(pipe.name, parent, ran, skipped, manifests)
 
 
