@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import logging
 import os
 import platform
 import statistics
@@ -151,6 +152,7 @@ def main() -> None:
 
     import ray
 
+    from orchestrator.cluster import connect
     from orchestrator.console import quiet_worker_logs
     from orchestrator.data import write_digits
 
@@ -159,7 +161,9 @@ def main() -> None:
         data = args.data or str(work / "digits")
         if not args.data:
             write_digits(data)
-        ray.init(num_cpus=args.workers * args.threads, logging_level="WARNING", include_dashboard=False)
+        # As a sweep starts its local Ray (dashboard included: Ray Train's placement-group cleaner
+        # asks its state API every second, and logs a warning each time it cannot).
+        connect(num_cpus=args.workers * args.threads, logging_level=logging.WARNING)
         quiet_worker_logs()
         rounds = []
         try:

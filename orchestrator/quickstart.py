@@ -64,12 +64,13 @@ def quickstart_config(out: Path, num_samples: int = 8) -> ExperimentConfig:
             methods=(MethodArm(method=dynamicvit, search_space="dynamicvit"), MethodArm(method={"name": "tome"}, search_space="tome")),
             num_samples=num_samples, max_concurrent_trials=1, seed=0,
             objectives=(Objective("val_top1", "max"), Objective("throughput_ips", "max")),
-            # The paper's grids first: DynamicViT rho = .9/.8/.7 with its DeiT-S weights, ToMe at two
-            # merge rates; then Optuna's own picks, method included.
-            points_to_evaluate=tuple(
+            # The papers' grids first: the training-free baseline, ToMe at two merge rates (seconds
+            # each), then DynamicViT rho = .9/.8/.7 with its DeiT-S weights; then Optuna's own
+            # picks, method included.
+            points_to_evaluate=tuple({"method": "tome", "r": r, "inflect": 0.0} for r in (4, 8)) + tuple(
                 {"method": "dynamicvit", "keep_ratio": rho, "ratio_weight": 2.0, "distill_weight": 0.5, "token_distill_weight": 0.5, "train.lr": 5e-4}
                 for rho in (0.9, 0.8, 0.7)
-            ) + tuple({"method": "tome", "r": r, "inflect": 0.0} for r in (4, 8)),
+            ),
         ),
         tracking=TrackingConfig(uri=f"sqlite:///{out / 'mlflow.db'}", experiment="prunetune-quickstart"),
         storage_path=str(out / "runs"),
