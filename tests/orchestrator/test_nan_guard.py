@@ -51,6 +51,8 @@ def _scenario(exp, rank: int, inject: dict, out: Path) -> None:
     result["weights"] = [p.detach().clone() for p in run.raw.parameters()]
     result["events"] = run.nan_guard.events
     result["step"] = run.step
+    result["amp"] = run.train_cfg.amp
+    result["fp32_attention"] = run.nan_guard.fp32_attention
     torch.save(result, out)
 
 
@@ -76,19 +78,24 @@ def outcomes(make_digits_subset, make_tiny_experiment, tmp_path_factory):
 
     * ``skip``: once at step 2 (epoch 0), policies as shipped -> the batch is skipped;
     * ``rollback``: once at step 7 (epoch 1), policy ``lower_lr`` -> back to the epoch-0 checkpoint, LR x 0.5;
-    * ``give_up``: at every step from 7, policies (skip_batch, lower_lr), 2 retries -> the run fails.
+    * ``give_up``: at every step from 7, policies (skip_batch, lower_lr), 2 retries -> the run fails;
+    * ``amp_off`` / ``fp32_attention``: once at step 7 of an AMP run, that policy alone -> back to the
+      epoch-0 checkpoint, then the rest without AMP / with attention in fp32. (AMP itself runs on CUDA
+      only, so on CPU this checks the rollback and the switch, not fp16 arithmetic.)
     """
     base = make_tiny_experiment(make_digits_subset(16, 4))
     base = dataclasses.replace(base, model=dataclasses.replace(base.model, depth=2, embed_dim=48, num_heads=2))
 
-    def exp(**guard):
-        pretrain = TrainConfig(epochs=2, batch_size=16, lr=2e-3, min_lr=MIN_LR, warmup_epochs=0, amp=False, nan_guard=NanGuardConfig(**guard))
+    def exp(amp=False, **guard):
+        pretrain = TrainConfig(epochs=2, batch_size=16, lr=2e-3, min_lr=MIN_LR, warmup_epochs=0, amp=amp, nan_guard=NanGuardConfig(**guard))
         return dataclasses.replace(base, pretrain=pretrain)
 
     scenarios = [
         ("skip", exp(), {"rank": 1, "steps": [2]}),
         ("rollback", exp(policies=("lower_lr",)), {"rank": 1, "steps": [PER_RANK_STEPS + 2]}),
         ("give_up", exp(policies=("skip_batch", "lower_lr"), max_retries=2), {"rank": 1, "from_step": PER_RANK_STEPS + 2}),
+        ("amp_off", exp(amp=True, policies=("amp_off",)), {"rank": 1, "steps": [PER_RANK_STEPS + 2]}),
+        ("fp32_attention", exp(amp=True, policies=("fp32_attention",)), {"rank": 1, "steps": [PER_RANK_STEPS + 2]}),
     ]
     folder = tmp_path_factory.mktemp("ranks")
     mp.start_processes(_rank_main, args=(_free_port(), scenarios, str(folder)), nprocs=2, join=True, start_method="spawn")
@@ -142,6 +149,21 @@ def test_out_of_retries_the_run_fails_with_the_reason_and_keeps_its_checkpoint(o
     # Epoch 0's report and checkpoint were made before the failure: that is what is kept.
     assert [m["epoch"] for m in _epoch_reports(r0)] == [0]
     assert r0["states"][0]["epoch"] == 0 and r0["states"][0]["step"] == PER_RANK_STEPS
+
+
+@pytest.mark.parametrize("policy", ["amp_off", "fp32_attention"])
+def test_amp_policies_roll_back_and_switch_for_the_rest_of_the_run(outcomes, policy):
+    r0, r1 = outcomes[policy]
+    for r in (r0, r1):
+        assert [(e["epoch"], e["step"], e["policy"]) for e in r["events"]] == [(1, PER_RANK_STEPS + 2, policy)]
+        assert "error" not in r and r["finite"]
+        assert r["step"] == 2 * PER_RANK_STEPS  # epoch 1 again from the epoch-0 checkpoint, each step once
+        # The switch holds from the rollback on (both ranks), and only the chosen one is made.
+        assert r["amp"] is (policy != "amp_off") and r["fp32_attention"] is (policy == "fp32_attention")
+    assert all(torch.equal(a, b) for a, b in zip(r0["weights"], r1["weights"]))
+    first, second = r0["states"]
+    assert not first["nan_guard"][policy] and second["nan_guard"][policy]  # checkpointed: a resume keeps it
+    assert second["nan_guard"]["lr_scale"] == 1.0  # no LR change with these policies
 
 
 def test_nan_guard_config_from_set_and_refusals(digits_root, make_tiny_experiment):
