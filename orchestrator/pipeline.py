@@ -26,7 +26,6 @@ sweep run is nested under the pipeline run.
 from __future__ import annotations
 
 import contextlib
-
 import dataclasses
 import hashlib
 import json
