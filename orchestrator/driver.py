@@ -12,6 +12,7 @@ import hashlib
 import json
 import logging
 import os
+import pickle
 import tempfile
 import time
 from dataclasses import asdict, replace
@@ -38,7 +39,7 @@ from .search_space import SweepSpace
 from .timing import Stopwatch
 from .tracking import REFERENCE_ROLE, ROLE_TAG, SEARCHED_TAG, SWEEP_TAG, TRIAL_TAG, Tracker, redact
 
-__all__ = ["run_trial", "train_dense", "make_trainer", "scaling_config", "MlflowReportCallback", "TRIAL_RESOURCES", "evaluate_remote", "measure_reference", "evaluate_here"]
+__all__ = ["run_trial", "train_dense", "make_trainer", "train_loop_config", "scaling_config", "MlflowReportCallback", "TRIAL_RESOURCES", "evaluate_remote", "measure_reference", "evaluate_here"]
 
 _logger = logging.getLogger(__name__)
 _DRIVER_MEMORY = 512 * 1024**2
@@ -79,10 +80,9 @@ def make_trainer(
         os.environ.setdefault(key, value)
     scaling, torch_config = scaling_config(exp.resources)
     keep = (exp.pretrain if stage == "pretrain" else exp.train).checkpoints_to_keep
-    loop_config = {"experiment": exp, "stage": stage, "run_dir": storage.join(storage_path, name)}  # where its checkpoints are
     return TorchTrainer(
         worker.train_fn_per_worker,
-        train_loop_config={**loop_config, "started_at": time.time() if started_at is None else started_at},
+        train_loop_config=train_loop_config(exp, stage, storage.join(storage_path, name), started_at),
         scaling_config=scaling,
         torch_config=torch_config,
         run_config=ray.train.RunConfig(
@@ -95,6 +95,17 @@ def make_trainer(
             callbacks=callbacks,
         ),
     )
+
+
+def train_loop_config(exp: ExperimentConfig, stage: str, run_dir: str, started_at: float | None = None) -> dict[str, Any]:
+    """What each worker's ``train_fn_per_worker`` gets: the experiment, pickled (Train's controller
+    keeps the loop config in its run context, and unpickling an ``ExperimentConfig`` there would
+    import the methods, timm and torchvision: 2-3 s of CPU per run on 2 cores, while the workers
+    start), the stage, the run's folder (its checkpoints) and when its driver started it."""
+    return {
+        worker.EXPERIMENT_KEY: pickle.dumps(exp), "stage": stage, "run_dir": run_dir,
+        "started_at": time.time() if started_at is None else started_at,
+    }
 
 
 def trial_experiment(config: dict[str, Any]) -> ExperimentConfig:

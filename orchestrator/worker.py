@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import logging
+import pickle
 import tempfile
 from pathlib import Path
 from typing import Any
@@ -24,9 +25,12 @@ from . import checkpoints, loop, storage
 from .config import ExperimentConfig
 from .train_reports import RANK_KEY
 
-__all__ = ["train_fn_per_worker", "configure_logging", "load_state", "STATE_FILE", "RANK_KEY"]
+__all__ = ["train_fn_per_worker", "configure_logging", "load_state", "STATE_FILE", "RANK_KEY", "EXPERIMENT_KEY"]
 
 STATE_FILE = "state.pt"
+#: The run's ExperimentConfig, pickled, in ``train_loop_config``: bytes that Train's controller, which
+#: keeps the loop config, can hold without importing the methods (and torch) to unpickle them.
+EXPERIMENT_KEY = "experiment_pickle"
 _logger = logging.getLogger(__name__)
 
 
@@ -95,9 +99,10 @@ def _save_step(state: dict[str, Any] | None, run_dir: str, keep: int) -> None:
 
 
 def train_fn_per_worker(config: dict[str, Any]) -> None:
-    """Ray Train entry point. ``config``: ``experiment`` (ExperimentConfig), ``stage`` (pretrain|trial)."""
+    """Ray Train entry point. ``config``: ``EXPERIMENT_KEY`` (the pickled ExperimentConfig), ``stage``
+    (pretrain|trial), ``run_dir`` and ``started_at``."""
     configure_logging()
-    exp: ExperimentConfig = config["experiment"]
+    exp: ExperimentConfig = pickle.loads(config[EXPERIMENT_KEY])
     stage: str = config["stage"]
     ctx = ray.train.get_context()
     rank, world = ctx.get_world_rank(), ctx.get_world_size()

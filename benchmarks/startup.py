@@ -1,0 +1,153 @@
+"""How long a Ray Train run takes to start: Ray Train's own floor beside prunetune's time to first step.
+
+Rounds alternate two runs on one local Ray, started as a sweep starts it, ``--workers`` gloo ranks:
+
+- ``floor``: a bare ``TorchTrainer`` whose per-worker function does nothing. From ``fit()`` to the
+  function's first line on every rank: Train's controller process, its placement group, the worker
+  processes, their torch import and process group. No orchestration built on Ray Train can start
+  its ranks sooner, short of keeping processes across runs, which Ray Train V2 does not.
+- ``prunetune``: prunetune's own trainer (``driver.make_trainer``, the real per-worker function,
+  one epoch of the quickstart's dense tiny ViT): from ``fit()`` to the first optimiser step on
+  rank 0 (``time_to_first_step_s``, as trials record it), and to its first line.
+
+The difference between the two is prunetune's part: importing the methods and timm, building the
+run (model, data, optimiser), DDP and the first step itself.
+
+    python benchmarks/startup.py --rounds 5 --out benchmarks/results/startup_cpu.json
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import os
+import platform
+import statistics
+import sys
+import tempfile
+import time
+from dataclasses import replace
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout without installing
+
+
+def _first_line(config: dict) -> None:
+    """The bare run's per-worker function: note when it started, per rank, and return."""
+    import ray.train
+
+    rank = ray.train.get_context().get_world_rank()
+    Path(config["out"], f"rank{rank}.json").write_text(json.dumps({"t": time.time()}))
+
+
+def run_floor(workers: int, threads: int, work: Path, index: int) -> dict:
+    import ray.train
+    from ray.train.torch import TorchTrainer
+
+    from orchestrator import driver
+    from orchestrator.config import ResourcesConfig
+
+    for key, value in driver.TRAIN_ENV.items():  # the same controller settings as prunetune's runs
+        os.environ.setdefault(key, value)
+    out = work / f"floor-{index}"
+    out.mkdir()
+    scaling, torch_config = driver.scaling_config(ResourcesConfig(num_workers=workers, cpus_per_worker=threads))
+    trainer = TorchTrainer(
+        _first_line, train_loop_config={"out": str(out)}, scaling_config=scaling, torch_config=torch_config,
+        run_config=ray.train.RunConfig(name=f"floor-{index}", storage_path=str(work / "ray-runs")),
+    )
+    start = time.time()
+    trainer.fit()
+    wall = time.time() - start
+    firsts = [json.loads((out / f"rank{r}.json").read_text())["t"] for r in range(workers)]
+    return {"to_function_s": max(firsts) - start, "wall_s": wall}
+
+
+def run_prunetune(data: str, workers: int, threads: int, work: Path, index: int) -> dict:
+    from ray.train import UserCallback
+
+    from orchestrator import driver
+    from orchestrator.config import ResourcesConfig
+    from orchestrator.quickstart import digits_tiny_vit
+
+    class Record(UserCallback):  # runs in the controller: writes the first report's times to a file
+        def __init__(self, path: str) -> None:
+            self.path = path
+
+        def after_report(self, run_context, metrics, checkpoint) -> None:
+            keys = ("time_to_first_step_s", "time_startup_s")
+            if not Path(self.path).exists() and all(k in metrics[0] for k in keys):
+                Path(self.path).write_text(json.dumps({k: metrics[0][k] for k in keys}))
+
+    exp = digits_tiny_vit(data)
+    exp = replace(exp, pretrain=replace(exp.pretrain, epochs=1), resources=ResourcesConfig(num_workers=workers, cpus_per_worker=threads))
+    path = work / f"prunetune-{index}.json"
+    start = time.time()
+    trainer = driver.make_trainer(exp, "pretrain", f"startup-{index}", str(work / "ray-runs"), callbacks=[Record(str(path))], started_at=start)
+    trainer.fit()
+    wall = time.time() - start
+    times = json.loads(path.read_text())
+    return {"to_first_step_s": times["time_to_first_step_s"], "to_training_loop_s": times["time_startup_s"], "wall_s": wall}
+
+
+def _stats(values: list[float]) -> dict:
+    return {"median": statistics.median(values), "min": min(values), "max": max(values)}
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--rounds", type=int, default=5)
+    p.add_argument("--workers", type=int, default=2)
+    p.add_argument("--threads", type=int, default=1, help="CPU threads per rank")
+    p.add_argument("--out", help="write the figures as JSON here")
+    args = p.parse_args()
+
+    import ray
+
+    from orchestrator.cluster import connect
+    from orchestrator.console import quiet_worker_logs
+    from orchestrator.data import write_digits
+
+    rounds = []
+    with tempfile.TemporaryDirectory(prefix="prunetune-startup-") as tmp:
+        work = Path(tmp)
+        data = str(work / "digits")
+        write_digits(data)
+        connect(num_cpus=args.workers * args.threads, logging_level=logging.WARNING)  # as a sweep starts its local Ray
+        quiet_worker_logs()
+        try:
+            for i in range(args.rounds):
+                floor = run_floor(args.workers, args.threads, work, i)
+                ours = run_prunetune(data, args.workers, args.threads, work, i)
+                rounds.append({"floor": floor, "prunetune": ours, "prunetune_part_s": ours["to_first_step_s"] - floor["to_function_s"]})
+                print(
+                    f"round {i + 1}/{args.rounds}: Ray Train to a no-op function {floor['to_function_s']:.1f} s; "
+                    f"prunetune to its training loop {ours['to_training_loop_s']:.1f} s, to its first step {ours['to_first_step_s']:.1f} s",
+                    flush=True,
+                )
+        finally:
+            ray.shutdown()
+    summary = {
+        "floor_to_function_s": _stats([r["floor"]["to_function_s"] for r in rounds]),
+        "prunetune_to_training_loop_s": _stats([r["prunetune"]["to_training_loop_s"] for r in rounds]),
+        "prunetune_to_first_step_s": _stats([r["prunetune"]["to_first_step_s"] for r in rounds]),
+        "prunetune_part_s": _stats([r["prunetune_part_s"] for r in rounds]),
+        "settings": {"workers": args.workers, "threads_per_worker": args.threads, "rounds": args.rounds, "backend": "gloo",
+                     "model": "quickstart tiny ViT (4 blocks, 96 channels, 65 tokens), digits 32 px, batch 64 per rank"},
+        "machine": {"platform": platform.platform(), "python": platform.python_version(), "cpus": os.cpu_count(),
+                    "date": time.strftime("%Y-%m-%d")},
+        "rounds": rounds,
+    }
+    f, s = summary["floor_to_function_s"], summary["prunetune_to_first_step_s"]
+    print(
+        f"Ray Train's floor (fit() to a no-op function on every rank): median {f['median']:.1f} s ({f['min']:.1f}-{f['max']:.1f}); "
+        f"prunetune to its first step: median {s['median']:.1f} s ({s['min']:.1f}-{s['max']:.1f}); "
+        f"prunetune's part: median {summary['prunetune_part_s']['median']:.1f} s"
+    )
+    if args.out:
+        Path(args.out).parent.mkdir(parents=True, exist_ok=True)
+        Path(args.out).write_text(json.dumps(summary, indent=2))
+
+
+if __name__ == "__main__":
+    main()
