@@ -29,7 +29,7 @@ __all__ = ["train_fn_per_worker", "configure_logging", "load_state", "STATE_FILE
 
 STATE_FILE = "state.pt"
 #: The run's ExperimentConfig, pickled, in ``train_loop_config``: bytes that Train's controller, which
-#: keeps the loop config, can hold without importing the methods (and torch) to unpickle them.
+#: keeps the loop config, holds without importing the methods, timm and torchvision to unpickle them.
 EXPERIMENT_KEY = "experiment_pickle"
 _logger = logging.getLogger(__name__)
 
