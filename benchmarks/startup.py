@@ -20,8 +20,6 @@ from __future__ import annotations
 import argparse
 import json
 import logging
-import os
-import platform
 import statistics
 import sys
 import tempfile
@@ -47,8 +45,7 @@ def run_floor(workers: int, threads: int, work: Path, index: int) -> dict:
     from orchestrator import driver
     from orchestrator.config import ResourcesConfig
 
-    for key, value in driver.TRAIN_ENV.items():  # the same controller settings as prunetune's runs
-        os.environ.setdefault(key, value)
+    driver.apply_train_env()  # the same controller settings as prunetune's runs
     out = work / f"floor-{index}"
     out.mkdir()
     scaling, torch_config = driver.scaling_config(ResourcesConfig(num_workers=workers, cpus_per_worker=threads))
@@ -104,6 +101,7 @@ def main() -> None:
 
     import ray
 
+    from orchestrator.bench import machine_record
     from orchestrator.cluster import connect
     from orchestrator.console import quiet_worker_logs
     from orchestrator.data import write_digits
@@ -134,8 +132,7 @@ def main() -> None:
         "prunetune_part_s": _stats([r["prunetune_part_s"] for r in rounds]),
         "settings": {"workers": args.workers, "threads_per_worker": args.threads, "rounds": args.rounds, "backend": "gloo",
                      "model": "quickstart tiny ViT (4 blocks, 96 channels, 65 tokens), digits 32 px, batch 64 per rank"},
-        "machine": {"platform": platform.platform(), "python": platform.python_version(), "cpus": os.cpu_count(),
-                    "date": time.strftime("%Y-%m-%d")},
+        "machine": machine_record(),
         "rounds": rounds,
     }
     f, s = summary["floor_to_function_s"], summary["prunetune_to_first_step_s"]

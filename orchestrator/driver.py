@@ -39,7 +39,7 @@ from .search_space import SweepSpace
 from .timing import Stopwatch
 from .tracking import REFERENCE_ROLE, ROLE_TAG, SEARCHED_TAG, SWEEP_TAG, TRIAL_TAG, Tracker, redact
 
-__all__ = ["run_trial", "train_dense", "make_trainer", "train_loop_config", "scaling_config", "MlflowReportCallback", "TRIAL_RESOURCES", "evaluate_remote", "measure_reference", "evaluate_here"]
+__all__ = ["run_trial", "train_dense", "make_trainer", "train_loop_config", "apply_train_env", "scaling_config", "MlflowReportCallback", "TRIAL_RESOURCES", "evaluate_remote", "measure_reference", "evaluate_here"]
 
 _logger = logging.getLogger(__name__)
 _DRIVER_MEMORY = 512 * 1024**2
@@ -70,14 +70,19 @@ def log_final(tracker: Tracker, run_id: str, reported: dict[str, Any]) -> None:
 TRAIN_ENV = {"RAY_TRAIN_HEALTH_CHECK_INTERVAL_S": "0.5"}
 
 
+def apply_train_env() -> None:
+    """``TRAIN_ENV`` into this process's environment, where the user has not set a value."""
+    for key, value in TRAIN_ENV.items():
+        os.environ.setdefault(key, value)
+
+
 def make_trainer(
     exp: ExperimentConfig, stage: str, name: str, storage_path: str, callbacks: list, started_at: float | None = None,
 ) -> TorchTrainer:
     """A ``TorchTrainer`` for one run of ``exp`` (``stage``: pretrain|trial) named ``name`` under
     ``storage_path`` (its checkpoints and Ray's run state); ``started_at``: when the run's driver
     started it, for the time breakdown (default: now)."""
-    for key, value in TRAIN_ENV.items():
-        os.environ.setdefault(key, value)
+    apply_train_env()
     scaling, torch_config = scaling_config(exp.resources)
     keep = (exp.pretrain if stage == "pretrain" else exp.train).checkpoints_to_keep
     return TorchTrainer(
