@@ -166,7 +166,7 @@ def run_trial(config: dict[str, Any]) -> None:
                 parent_id=parent,
             )
     outbox = Outbox(tracker, run_id, outbox_path(loop.cache_dir(exp), run_id))
-    with tracker.ending(run_id):
+    with tracker.ending(run_id, left_to_others=stopped_by_tune):
         if exp.train.epochs == 0:
             final = evaluate_remote(exp, tracker, run_id, started_at)
             _log_driver_times(tracker, run_id, int(final.get("epoch", 0)), started_at, timing)
@@ -179,13 +179,31 @@ def run_trial(config: dict[str, Any]) -> None:
         try:
             trainer.fit()
         except Exception as e:
-            with contextlib.suppress(Exception):  # the reason, in one line, on the run (MLflow may be down too)
-                tracker.set_tags(run_id, {FAILURE_TAG: failure_reason(e)})
+            if stopped_by_tune():
+                _logger.info("trial %s stopped by its sweep (%s); the sweep ends its run", trial_id, type(e).__name__)
+            else:
+                with contextlib.suppress(Exception):  # the reason, in one line, on the run (MLflow may be down too)
+                    tracker.set_tags(run_id, {FAILURE_TAG: failure_reason(e)})
             raise
         finally:
             outbox.flush_waiting(timeout=600)  # metrics delayed by an MLflow outage, before the run ends
         with contextlib.suppress(Exception):  # a record of where the time went, never a reason to fail the trial
             _log_driver_times(tracker, run_id, exp.train.epochs - 1, started_at, timing)
+
+
+def stopped_by_tune() -> bool:
+    """Whether Tune has ended this trial's session: it stopped the trial (Ctrl+C, ``ray job stop``, the
+    scheduler) and left its training thread to die with the actor. The sweep's driver then ends the
+    trial's run (``Tracker.finalize_sweep``: KILLED, interrupted or stopped early); were the trial to
+    end it FAILED too, the later of the two writes would win, and that may come after the sweep's.
+
+    A trial that fails on its own raises while its session is still open: Tune ends the session only
+    after the function has returned or raised. Ray has no public way to ask; ``get_session`` is the
+    one Tune's own ``FunctionTrainable.cleanup`` shuts down.
+    """
+    from ray.train._internal.session import get_session
+
+    return get_session() is None
 
 
 def _log_driver_times(tracker: Tracker, run_id: str, step: int, started_at: float, timing: Stopwatch | None = None) -> None:

@@ -16,7 +16,7 @@ import re
 import time
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Any, Iterable, Iterator, Sequence
+from typing import Any, Callable, Iterable, Iterator, Sequence
 from urllib.parse import urlparse
 
 from .errors import TrackingError
@@ -224,12 +224,14 @@ class Tracker:
         self.client.set_terminated(run_id, status=status)
 
     @contextmanager
-    def ending(self, run_id: str) -> Iterator[None]:
-        """End ``run_id`` FINISHED when the block completes, FAILED (and re-raise) if it does not."""
+    def ending(self, run_id: str, left_to_others: Callable[[], bool] | None = None) -> Iterator[None]:
+        """End ``run_id`` FINISHED when the block completes, FAILED (and re-raise) if it does not;
+        left as it is (and re-raised) when ``left_to_others()`` says whoever cut the block short ends the run."""
         try:
             yield
         except BaseException:
-            self.end_run(run_id, "FAILED")
+            if left_to_others is None or not left_to_others():
+                self.end_run(run_id, "FAILED")
             raise
         self.end_run(run_id, "FINISHED")
 

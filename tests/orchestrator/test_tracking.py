@@ -217,6 +217,25 @@ def test_finalize_marks_a_stopped_trial_killed_even_if_its_driver_recorded_faile
     assert parent.info.status == "FINISHED" and parent.info.end_time is not None
 
 
+def test_ending_leaves_a_run_cut_short_by_someone_else_to_them(sweep):
+    """A trial Tune stopped raises in its driver after the sweep may have ended its run KILLED: the
+    driver must not write FAILED over that. A failure of its own still ends the run FAILED."""
+    tracker = Tracker(sweep["uri"], "exp-ending")
+    client = MlflowClient(sweep["uri"])
+    statuses = {}
+    for name, stopped in (("own-failure", False), ("stopped", True)):
+        run_id = tracker.start_run(name, {}, {ROLE_TAG: "trial"})
+        with pytest.raises(RuntimeError, match="controller died"):
+            with tracker.ending(run_id, left_to_others=lambda: stopped):
+                raise RuntimeError("controller died")
+        statuses[name] = client.get_run(run_id).info.status
+    done = tracker.start_run("done", {}, {ROLE_TAG: "trial"})
+    with tracker.ending(done, left_to_others=lambda: True):
+        pass
+    assert statuses == {"own-failure": "FAILED", "stopped": "RUNNING"}
+    assert client.get_run(done).info.status == "FINISHED"
+
+
 def test_finalize_returns_the_front(sweep):
     rows = sweep["rows"]
     assert [r["run_id"] for r in rows] == [sweep["runs"][t] for t in FRONT]
