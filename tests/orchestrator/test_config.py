@@ -56,7 +56,7 @@ def test_minimal_yaml_gives_typed_config(tmp_path):
     assert exp.method_config == DynamicViTConfig(keep_ratio=0.6, pruning_loc=(1, 3, 5))
     assert exp.model.depth == 6 and exp.train.epochs == 2 and exp.train.lr == pytest.approx(1e-3)
     assert exp.train.batch_size == 128  # untouched fields keep their defaults
-    assert exp.sweep.objectives == (Objective("val_top1", "max"), Objective("latency_ms", "min"))
+    assert exp.sweep.objectives == (Objective("val_top1", "max"), Objective("speedup", "max"))
 
 
 def test_yaml_round_trip_of_a_full_config(tmp_path, make_tiny_experiment):

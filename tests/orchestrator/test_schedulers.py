@@ -249,7 +249,9 @@ def test_the_sweep_picks_mo_asha_for_several_objectives(make_tiny_experiment):
     assert _scheduler(exp, "s", 3) is None
     two = dataclasses.replace(exp, sweep=dataclasses.replace(exp.sweep, asha=AshaConfig(grace_period=1, reduction_factor=3)))
     sched = _scheduler(two, "s", 3)
-    assert isinstance(sched, MultiObjectiveASHA) and sched.objectives == ACC_LAT and sched.rungs == [1, 3] and sched.reduction_factor == 3
+    # the default objectives: accuracy and the speed-up over dense
+    assert isinstance(sched, MultiObjectiveASHA) and sched.objectives == [("val_top1", "max"), ("speedup", "max")]
+    assert sched.rungs == [1, 3] and sched.reduction_factor == 3
     one = dataclasses.replace(two, sweep=dataclasses.replace(two.sweep, objectives=(Objective("val_top1", "max"),)))
     assert isinstance(_scheduler(one, "s", 3), RecordingASHA)
     assert isinstance(_scheduler(dataclasses.replace(two, sweep=dataclasses.replace(two.sweep, asha=AshaConfig(grace_period=5))), "s", 3), MultiObjectiveASHA)
