@@ -82,6 +82,7 @@ Differences from the reference:
 from __future__ import annotations
 
 import copy
+import functools
 import math
 from pathlib import Path
 import statistics
@@ -142,16 +143,29 @@ def strided_embedding(img: int, grid: int) -> tuple[int, int]:
     return s, pad
 
 
+@functools.lru_cache(maxsize=None)
+def _resize_weights(g_in: int, g_out: int) -> torch.Tensor:
+    """One axis of ``resize_grid`` as a ``[g_out, g_in]`` matrix (float64, CPU), built with torch's own
+    1-D nearest upsampling and adaptive average pooling applied to each source cell alone."""
+    m = g_in * max(2, -(-g_out // g_in))
+    cells = torch.eye(g_in, dtype=torch.float64).reshape(g_in, 1, g_in)
+    w = F.adaptive_avg_pool1d(F.interpolate(cells, size=m, mode="nearest"), g_out)
+    return w.reshape(g_in, g_out).T.contiguous()
+
+
 def resize_grid(t: torch.Tensor, g_in: int, g_out: int) -> torch.Tensor:
     """Resize the last axis, a ``g_in x g_in`` grid flattened row-major, to ``g_out x g_out``.
 
     Nearest upsampling by ``max(2, ceil(g_out / g_in))``, then adaptive average pooling (the
-    reference: 7 -> 14 -> 10, 10 -> 20 -> 14).
+    reference: 7 -> 14 -> 10, 10 -> 20 -> 14). Both are linear and separable, so this applies them
+    as one small matrix per axis: the same figures up to float rounding, about 10x faster on CPU
+    than ``F.interpolate`` + ``F.adaptive_avg_pool2d`` over the relation maps' many tiny planes,
+    which took 40% of DVT's time on DeiT-S (``prunetune bench --profile``).
     """
     lead = t.shape[:-1]
-    m = g_in * max(2, -(-g_out // g_in))
-    x = t.reshape(-1, 1, g_in, g_in)
-    x = F.adaptive_avg_pool2d(F.interpolate(x, size=(m, m), mode="nearest"), (g_out, g_out))
+    w = _resize_weights(g_in, g_out).to(device=t.device, dtype=t.dtype)
+    x = t.reshape(-1, g_in) @ w.T  # columns: [N * g_in, g_out]
+    x = torch.matmul(w, x.reshape(-1, g_in, g_out))  # rows: [N, g_out, g_out]
     return x.reshape(*lead, g_out * g_out)
 
 
