@@ -82,7 +82,6 @@ Differences from the reference:
 from __future__ import annotations
 
 import copy
-import functools
 import math
 from pathlib import Path
 import statistics
@@ -143,14 +142,19 @@ def strided_embedding(img: int, grid: int) -> tuple[int, int]:
     return s, pad
 
 
-@functools.lru_cache(maxsize=None)
+#: ``_resize_weights``'s matrices by ``(g_in, g_out)`` (a plain dict: torch.compile warns on lru_cache).
+_RESIZE_WEIGHTS: dict[tuple[int, int], torch.Tensor] = {}
+
+
 def _resize_weights(g_in: int, g_out: int) -> torch.Tensor:
     """One axis of ``resize_grid`` as a ``[g_out, g_in]`` matrix (float64, CPU), built with torch's own
     1-D nearest upsampling and adaptive average pooling applied to each source cell alone."""
-    m = g_in * max(2, -(-g_out // g_in))
-    cells = torch.eye(g_in, dtype=torch.float64).reshape(g_in, 1, g_in)
-    w = F.adaptive_avg_pool1d(F.interpolate(cells, size=m, mode="nearest"), g_out)
-    return w.reshape(g_in, g_out).T.contiguous()
+    if (g_in, g_out) not in _RESIZE_WEIGHTS:
+        m = g_in * max(2, -(-g_out // g_in))
+        cells = torch.eye(g_in, dtype=torch.float64).reshape(g_in, 1, g_in)
+        w = F.adaptive_avg_pool1d(F.interpolate(cells, size=m, mode="nearest"), g_out)
+        _RESIZE_WEIGHTS[(g_in, g_out)] = w.reshape(g_in, g_out).T.contiguous()
+    return _RESIZE_WEIGHTS[(g_in, g_out)]
 
 
 def resize_grid(t: torch.Tensor, g_in: int, g_out: int) -> torch.Tensor:
