@@ -164,7 +164,7 @@ def resize_grid(t: torch.Tensor, g_in: int, g_out: int) -> torch.Tensor:
     reference: 7 -> 14 -> 10, 10 -> 20 -> 14). Both are linear and separable, so this applies them
     as one small matrix per axis: the same figures up to float rounding, about 10x faster on CPU
     than ``F.interpolate`` + ``F.adaptive_avg_pool2d`` over the relation maps' many tiny planes,
-    which took 40% of DVT's time on DeiT-S (``prunetune bench --profile``).
+    which took 42% of DVT's time on DeiT-S (``prunetune bench --profile``).
     """
     lead = t.shape[:-1]
     w = _resize_weights(g_in, g_out).to(device=t.device, dtype=t.dtype)

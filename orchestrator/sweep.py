@@ -195,12 +195,26 @@ class _Progress(tune.Callback):
             )
 
     def on_trial_complete(self, iteration, trials, trial, **info):
-        if not getattr(self, "objectives", None) or self.tracker is None:
+        if self.tracker is None:
+            return
+        if trial.trial_id in _ledger(self.sweep).stopped:
+            self._end_stopped(trial)
+        if not getattr(self, "objectives", None):
             return
         try:
             self._log_hypervolume(trials, trial)
         except Exception as e:  # the curve is a record, never a reason to fail the sweep
             _logger.warning("sweep %s: hypervolume not logged after trial %s (%s: %s)", self.sweep, trial.trial_id, type(e).__name__, e)
+
+    def _end_stopped(self, trial) -> None:
+        """A trial the scheduler stopped is ended in MLflow now, not only when the sweep ends (its own
+        driver leaves the run alone once Tune has stopped it: ``driver.stopped_by_tune``)."""
+        try:
+            run_id = self.tracker.find_trial_run(self.parent, trial.trial_id)
+            if run_id:
+                self.tracker.end_stopped_early(run_id)
+        except Exception as e:  # finalize_sweep ends it at the latest; never a reason to fail the sweep
+            _logger.warning("sweep %s: trial %s's run not ended yet (%s: %s)", self.sweep, trial.trial_id, type(e).__name__, e)
 
     def _finished(self, trials, current) -> dict[str, dict]:
         """The final results of the trials that finished, by trial id: trained to their last epoch and

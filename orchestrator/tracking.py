@@ -347,11 +347,15 @@ class Tracker:
             self.set_tags(parent_id, {HV_REFERENCE_TAG: json.dumps(point, sort_keys=True)})
         return point
 
+    def end_stopped_early(self, run_id: str) -> None:
+        """End a trial the scheduler stopped: KILLED, tagged ``prunetune.stopped_early``."""
+        self.end_run(run_id, "KILLED")
+        self.set_tags(run_id, {STOPPED_EARLY_TAG: "true"})
+
     def _end_unfinished_trial(self, run, errored: set[str], stopped: set[str]) -> None:
         trial_id, run_id = run.data.tags.get(TRIAL_TAG), run.info.run_id
         if trial_id in stopped or run.data.tags.get(STOPPED_EARLY_TAG) == "true":  # now, or before a resume
-            self.end_run(run_id, "KILLED")
-            self.set_tags(run_id, {STOPPED_EARLY_TAG: "true"})
+            self.end_stopped_early(run_id)
         elif trial_id in errored:
             if run.info.status != "FAILED":  # its driver died before it could say so
                 self.end_run(run_id, "FAILED")

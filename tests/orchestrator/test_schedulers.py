@@ -295,6 +295,22 @@ def test_progress_logs_the_hypervolume_after_every_finished_trial(mlflow_tmp):
     assert history[1][1] == pytest.approx(160 + 240 - 120)
 
 
+def test_progress_ends_a_stopped_trials_run_when_tune_stops_it(mlflow_tmp):
+    """The stopped trial's own driver leaves its run alone (driver.stopped_by_tune): the sweep ends
+    it as soon as Tune reports it, not only at the sweep's end. A finished trial's run is its driver's."""
+    from orchestrator.tracking import ROLE_TAG, TRIAL_TAG
+
+    progress, parent = _progress(mlflow_tmp)
+    runs = {t: progress.tracker.start_run(f"trial_{t}", {}, {ROLE_TAG: "trial", TRIAL_TAG: t}, parent_id=parent) for t in ("s", "a")}
+    ledger(progress.sweep).stopped.add("s")
+    for t in (_done("s", 50.0, 3.0, epoch=0), _done("a", 90.0, 3.0)):
+        progress.on_trial_complete(0, [t], t)
+    client = MlflowClient(mlflow_tmp)
+    stopped, finished = client.get_run(runs["s"]), client.get_run(runs["a"])
+    assert stopped.info.status == "KILLED" and stopped.data.tags["prunetune.stopped_early"] == "true"
+    assert finished.info.status == "RUNNING" and "prunetune.stopped_early" not in finished.data.tags
+
+
 def test_progress_completes_the_reference_from_the_trials_and_records_it(mlflow_tmp):
     from orchestrator.tracking import HV_REFERENCE_TAG
 
