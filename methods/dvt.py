@@ -142,19 +142,22 @@ def strided_embedding(img: int, grid: int) -> tuple[int, int]:
     return s, pad
 
 
-#: ``_resize_weights``'s matrices by ``(g_in, g_out)`` (a plain dict: torch.compile warns on lru_cache).
-_RESIZE_WEIGHTS: dict[tuple[int, int], torch.Tensor] = {}
+#: ``_resize_weights``'s matrices by ``(g_in, g_out, device, dtype)``: built and moved once, not on
+#: every call (on a GPU each move would be a host-to-device copy per block). A plain dict:
+#: torch.compile warns on lru_cache.
+_RESIZE_WEIGHTS: dict[tuple[int, int, torch.device, torch.dtype], torch.Tensor] = {}
 
 
-def _resize_weights(g_in: int, g_out: int) -> torch.Tensor:
-    """One axis of ``resize_grid`` as a ``[g_out, g_in]`` matrix (float64, CPU), built with torch's own
+def _resize_weights(g_in: int, g_out: int, device: torch.device, dtype: torch.dtype) -> torch.Tensor:
+    """One axis of ``resize_grid`` as a ``[g_out, g_in]`` matrix, built in float64 with torch's own
     1-D nearest upsampling and adaptive average pooling applied to each source cell alone."""
-    if (g_in, g_out) not in _RESIZE_WEIGHTS:
+    key = (g_in, g_out, device, dtype)
+    if key not in _RESIZE_WEIGHTS:
         m = g_in * max(2, -(-g_out // g_in))
         cells = torch.eye(g_in, dtype=torch.float64).reshape(g_in, 1, g_in)
         w = F.adaptive_avg_pool1d(F.interpolate(cells, size=m, mode="nearest"), g_out)
-        _RESIZE_WEIGHTS[(g_in, g_out)] = w.reshape(g_in, g_out).T.contiguous()
-    return _RESIZE_WEIGHTS[(g_in, g_out)]
+        _RESIZE_WEIGHTS[key] = w.reshape(g_in, g_out).T.contiguous().to(device=device, dtype=dtype)
+    return _RESIZE_WEIGHTS[key]
 
 
 def resize_grid(t: torch.Tensor, g_in: int, g_out: int) -> torch.Tensor:
@@ -167,7 +170,7 @@ def resize_grid(t: torch.Tensor, g_in: int, g_out: int) -> torch.Tensor:
     which took 42% of DVT's time on DeiT-S (``prunetune bench --profile``).
     """
     lead = t.shape[:-1]
-    w = _resize_weights(g_in, g_out).to(device=t.device, dtype=t.dtype)
+    w = _resize_weights(g_in, g_out, t.device, t.dtype)
     x = t.reshape(-1, g_in) @ w.T  # columns: [N * g_in, g_out]
     x = torch.matmul(w, x.reshape(-1, g_in, g_out))  # rows: [N, g_out, g_out]
     return x.reshape(*lead, g_out * g_out)
