@@ -64,7 +64,8 @@ def markdown(doc: dict) -> str:
     lines = [f"**{doc['note']}**", ""] if doc.get("note") else []
     lines += [
         f"Speed suite on {doc['device']} ({where}), torch {m['torch']}, {doc['started']}; random weights, 224 px, "
-        f"{doc['rounds']} interleaved rounds per row; speed-up = throughput over dense's, per-round ratio, median (min-max); "
+        f"{doc['rounds']} interleaved rounds per row; speed-up = throughput over dense's, "
+        "cycle-by-cycle ratio, median (min-max of the rounds' medians); "
         "bound = dense / method GFLOPs; efficiency = speed-up / bound; ± = (max - min) / median over rounds.",
         "",
         "| model | method | batch | mode | precision | GFLOPs | bound | img/s | dense img/s | speed-up | efficiency |",

@@ -3,9 +3,10 @@
 The authors' ``tome.patch.timm`` is applied to one copy of a random-weight timm DeiT, prunetune's
 ``tome`` method wraps another copy of the same weights, and the dense backbone is a third. First the
 logits of the two ToMe models are compared (they should agree to float rounding); then the three are
-timed interleaved in this process (``methods.measure.time_rounds``: the order rotates each round), per
-batch and mode (eager, or all three ``torch.compile``-d alike). Reported per row: each ToMe model's
-speed-up over dense and prunetune's over the authors' (per-round ratios, median and min-max).
+timed interleaved in this process (``methods.measure.time_rounds``: call by call, the order rotating
+each cycle), per batch and mode (eager, or all three ``torch.compile``-d alike). Reported per row:
+each ToMe model's speed-up over dense and prunetune's over the authors' (cycle-by-cycle ratios: the
+median over all rounds, and the min-max of the rounds' medians).
 
 The authors' code is not shipped with prunetune; point ``--tome-src`` at a checkout of it
 (``git clone https://github.com/facebookresearch/ToMe``; the directory holding the ``tome`` package):
@@ -51,27 +52,24 @@ def build(backbone: str, r: int, patch) -> dict[str, torch.nn.Module]:
     return {"dense": base, "authors": authors, "prunetune": ours}
 
 
-def median_range(values: list[float]) -> dict[str, float]:
-    return {"median": statistics.median(values), "min": min(values), "max": max(values)}
-
-
 @torch.no_grad()
 def bench_row(models: dict[str, torch.nn.Module], image: tuple[int, ...], batch: int, compiled: bool, rounds: int) -> dict:
     warmup, iters = bench_defaults(batch)
     prepared = {n: torch.compile(m, dynamic=False) if compiled else m for n, m in models.items()}
     x = torch.randn(batch, *image)
-    seconds = time_rounds(prepared, x, MeasureConfig(warmup=warmup, iters=iters, rounds=rounds))
+    timed = time_rounds(prepared, x, MeasureConfig(warmup=warmup, iters=iters, rounds=rounds))
 
-    def ratio(faster: str, slower: str) -> list[float]:  # round by round: slower's seconds over faster's
-        return [s / f for f, s in zip(seconds[faster], seconds[slower])]
+    def ratio(faster: str, slower: str) -> dict[str, float]:  # slower's seconds over faster's
+        pooled, per_round = timed.ratio(faster, slower)
+        return {"median": pooled, "min": min(per_round), "max": max(per_round)}
 
     return {
         "batch": batch, "mode": "compiled" if compiled else "eager", "rounds": rounds, "warmup": warmup, "iters": iters,
-        "latency_ms": {n: statistics.median(s) * 1e3 for n, s in seconds.items()},
-        "latency_spread": {n: spread(s) for n, s in seconds.items()},
-        "authors_speedup": median_range(ratio("authors", "dense")),
-        "prunetune_speedup": median_range(ratio("prunetune", "dense")),
-        "prunetune_over_authors": median_range(ratio("prunetune", "authors")),
+        "latency_ms": {n: statistics.median(timed.seconds(n)) * 1e3 for n in prepared},
+        "latency_spread": {n: spread(timed.seconds(n)) for n in prepared},
+        "authors_speedup": ratio("authors", "dense"),
+        "prunetune_speedup": ratio("prunetune", "dense"),
+        "prunetune_over_authors": ratio("prunetune", "authors"),
     }
 
 

@@ -2,13 +2,21 @@
 
 Models are timed in the same process on the same device, in eval mode under ``no_grad``, with random
 inputs (as DynamicViT's ``calc_flops.py`` and ToMe's ``benchmark``), synchronizing around each timed
-call on CUDA. They are interleaved in rounds (the order alternates from round to round, so a drift
-favours none of them): each round times every model after its warm-up and keeps the median of its
-timed calls. A model's figure is the median over rounds and its spread ``(max - min) / median`` over
-rounds; a ratio to the dense model (speed-up) is taken round by round, against the dense time of that
-same round, and pooled by its median, so a noisy machine that slows a round slows both sides of its
-ratio alike. GFLOPs are fvcore MACs (the convention of every paper in this field) of one image through
+call on CUDA. They are interleaved call by call: each round warms every model up, then runs cycles
+in which every model is timed once, back to back, the order rotating from cycle to cycle. A model's
+figure is the median of its calls in each round, then the median over rounds, with its spread
+``(max - min) / median`` over rounds; a ratio to the dense model (speed-up) is taken cycle by cycle,
+against the dense call beside it, and pooled by its median over every cycle of every round: a burst
+of load from another process lasts longer than one call, so it hits both sides of a cycle's ratio
+or just one cycle, which the median drops. (Round by round, as before 2026-11-22, the same figures
+spread 17-90% between repeated measurements on the 2-core VM; cycle by cycle, 4-7%.) GFLOPs are fvcore MACs (the convention of every paper in this field) of one image through
 the eval-mode graph, so gathered-away tokens are not counted.
+
+On CPU, timing first sets glibc's malloc to keep the memory it frees (``hold_freed_memory``): by
+default it hands big blocks back to the kernel, so every forward page-faults its activations in again
+(a cost that scales with activation bytes, not FLOPs: it favoured pruned models and varied between
+two copies of one model). jemalloc and tcmalloc, which PyTorch recommends for CPU inference, keep
+such memory too.
 
 Precision ``bf16``/``fp16`` times under ``torch.autocast`` with that dtype (the model's weights stay
 fp32; autocast casts them once per timed loop); ``compile`` wraps every timed model in
@@ -16,6 +24,8 @@ fp32; autocast casts them once per timed loop); ``compile`` wraps every timed mo
 """
 from __future__ import annotations
 
+import ctypes
+import ctypes.util
 import logging
 import statistics
 import time
@@ -29,7 +39,7 @@ from torch import nn
 
 __all__ = [
     "MeasureConfig", "PRECISIONS", "measure_pair", "bench_pair", "bench_models", "count_gflops", "time_forward",
-    "time_rounds", "spread", "profile_ops",
+    "time_rounds", "Timed", "spread", "profile_ops", "hold_freed_memory",
 ]
 
 _logger = logging.getLogger(__name__)
@@ -79,6 +89,37 @@ class MeasureConfig:
         return None
 
 
+#: glibc ``mallopt`` parameters (malloc.h) and what timing sets them to.
+_M_TRIM_THRESHOLD, _M_TOP_PAD, _M_MMAP_MAX = -1, -2, -4
+_HELD: bool | None = None  # None: not tried yet in this process
+
+
+def hold_freed_memory() -> bool:
+    """Keep this process's freed heap memory mapped (glibc: no ``mmap``'d blocks, no trimming); once,
+    process-wide, for good. Returns whether it is in effect (False off glibc, e.g. musl or macOS).
+
+    glibc serves a large block with fresh ``mmap``'d pages (above a threshold that adapts up to
+    32 MiB) and trims freed heap past another; a forward that frees its activations and allocates
+    them again then takes a minor page fault for every 4 KiB of them, each zeroed by the kernel.
+    Measured on the 2-core CPU VM: DeiT-S, batch 32, 104k-151k faults per dense forward and 28k for
+    DynamicViT (rho 0.7), which timed it at 1.57-1.73x against a 1.54x FLOPs bound, and two copies
+    of the dense model 10% apart; with this, 0 faults, 1.55x and 1%. (The tiny quickstart ViT at
+    batch 64: 3088 faults per dense forward, 0 for DynamicViT.) Memory the process has used stays
+    with it until it exits, which suits a process that measures."""
+    global _HELD
+    if _HELD is None:
+        _HELD = False
+        try:
+            libc = ctypes.CDLL(ctypes.util.find_library("c"))
+            libc.gnu_get_libc_version  # noqa: B018  (glibc's; others' mallopt differ or are absent)
+        except (OSError, AttributeError, TypeError):
+            return _HELD
+        settings = ((_M_MMAP_MAX, 0), (_M_TRIM_THRESHOLD, 1 << 30), (_M_TOP_PAD, 64 << 20))
+        _HELD = all(libc.mallopt(param, value) == 1 for param, value in settings)
+        _logger.debug("glibc malloc holds freed memory while timing: %s", _HELD)
+    return _HELD
+
+
 def _sync(device: torch.device) -> None:
     if device.type == "cuda":
         torch.cuda.synchronize(device)
@@ -95,7 +136,10 @@ def _autocast(device: torch.device, amp: bool | torch.dtype | None):
 def time_forward(model: nn.Module, x: torch.Tensor, warmup: int, iters: int, amp: bool | torch.dtype | None = False) -> float:
     """Median seconds of one forward of ``model`` on ``x`` over ``iters`` timed calls.
 
-    ``amp``: False/None for fp32, a dtype to autocast to, or True for the device's usual half type."""
+    ``amp``: False/None for fp32, a dtype to autocast to, or True for the device's usual half type.
+    On CPU, freed memory is held first (``hold_freed_memory``)."""
+    if x.device.type == "cpu":
+        hold_freed_memory()
     times = []
     with _autocast(x.device, amp):
         for _ in range(warmup):
@@ -124,47 +168,77 @@ def _prepared(models: Mapping[str, nn.Module], cfg: MeasureConfig) -> dict[str, 
     return out
 
 
+@dataclass(frozen=True)
+class Timed:
+    """What ``time_rounds`` timed: ``calls[name][r][k]``, the seconds of model ``name``'s ``k``-th
+    timed call in round ``r``; call ``k`` of every model ran in the same cycle, back to back."""
+
+    calls: dict[str, list[list[float]]]
+
+    def seconds(self, name: str) -> list[float]:
+        """Round by round: the median of ``name``'s calls."""
+        return [statistics.median(r) for r in self.calls[name]]
+
+    def cycle_ratios(self, name: str, reference: str) -> list[list[float]]:
+        """Round by round, cycle by cycle: the reference's seconds over ``name``'s (> 1: ``name`` is faster)."""
+        return [[d / s for d, s in zip(ref, own)] for ref, own in zip(self.calls[reference], self.calls[name])]
+
+    def ratio(self, name: str, reference: str) -> tuple[float, list[float]]:
+        """``name``'s speed relative to ``reference``: the median over every cycle of every round,
+        and each round's median (their min, max and spread say how far rounds disagree)."""
+        per_round = self.cycle_ratios(name, reference)
+        return statistics.median([r for rnd in per_round for r in rnd]), [statistics.median(r) for r in per_round]
+
+
 @torch.no_grad()
 def time_rounds(
     models: Mapping[str, nn.Module], x: torch.Tensor, cfg: MeasureConfig, warmup: int | None = None, iters: int | None = None,
-) -> dict[str, list[float]]:
-    """Seconds per forward of each (already prepared) model on ``x``, one median per round.
+) -> Timed:
+    """Every (already prepared) model on ``x``, timed call by call, interleaved (``Timed``).
 
-    Every round times every model (``warmup`` untimed calls, then the median of ``iters`` timed
-    ones); the order rotates by one model each round. Each model runs once before the first round
-    (where ``torch.compile`` compiles), untimed."""
+    Each model runs once before the first round (where ``torch.compile`` compiles), untimed. A round
+    runs ``warmup`` untimed calls of each model, then ``iters`` cycles that time every model once,
+    back to back; the order rotates by one model each cycle, and each round starts one model further
+    on, so running first, or right after a given model, favours none."""
     warmup = cfg.warmup if warmup is None else warmup
     iters = cfg.iters if iters is None else iters
     amp = cfg.autocast_dtype(x.device)
+    if x.device.type == "cpu":
+        hold_freed_memory()
     names = list(models)
+    calls: dict[str, list[list[float]]] = {n: [] for n in names}
     with _autocast(x.device, amp):
         for name in names:
             models[name](x)
-    out: dict[str, list[float]] = {n: [] for n in names}
-    for r in range(cfg.rounds):
-        shift = r % len(names)
-        for name in names[shift:] + names[:shift]:
-            out[name].append(time_forward(models[name], x, warmup, iters, amp))
-    return out
+        for r in range(cfg.rounds):
+            for _ in range(warmup):
+                for name in names:
+                    models[name](x)
+            for name in names:
+                calls[name].append([])
+            for k in range(iters):
+                shift = (r + k) % len(names)
+                for name in names[shift:] + names[:shift]:
+                    _sync(x.device)
+                    start = time.perf_counter()
+                    models[name](x)
+                    _sync(x.device)
+                    calls[name][-1].append(time.perf_counter() - start)
+    return Timed(calls)
 
 
-def _summary(seconds: dict[str, list[float]], batch: int, prefix_of: Mapping[str, str]) -> dict[str, float]:
+def _summary(timed: Timed, batch: int, prefix_of: Mapping[str, str]) -> dict[str, float]:
     """Flat figures of timed rounds: per model ``<p>latency_ms`` (one forward of ``batch``),
     ``<p>throughput_ips`` and their spreads."""
     out: dict[str, float] = {}
-    for name, s in seconds.items():
-        p = prefix_of[name]
+    for name, p in prefix_of.items():
+        s = timed.seconds(name)
         ips = [batch / t for t in s]
         out[f"{p}latency_ms"] = statistics.median(s) * 1e3
         out[f"{p}latency_spread"] = spread(s)
         out[f"{p}throughput_ips"] = statistics.median(ips)
         out[f"{p}throughput_spread"] = spread(ips)
     return out
-
-
-def _ratios(seconds: dict[str, list[float]], name: str, reference: str) -> list[float]:
-    """Round by round: the reference's seconds over ``name``'s (> 1: ``name`` is faster)."""
-    return [d / s for d, s in zip(seconds[reference], seconds[name])]
 
 
 def bench_models(
@@ -175,22 +249,22 @@ def bench_models(
 
     Returns per model: ``latency_ms`` (one forward of the batch, median over rounds),
     ``throughput_ips``, their ``*_spread``, ``gflops``; and for every other model ``speedup`` (its
-    throughput over the reference's, per round, median), ``speedup_min``/``speedup_max``/``speedup_spread``,
-    ``flops_bound`` (reference GFLOPs over its own) and ``efficiency`` (speed-up over bound).
+    throughput over the reference's, cycle by cycle, median over all rounds), ``speedup_min``/
+    ``speedup_max``/``speedup_spread`` (over the rounds' medians), ``flops_bound`` (reference GFLOPs over its own) and ``efficiency`` (speed-up over bound).
     """
     if reference not in models:
         raise ValueError(f"reference model {reference!r} is not among {list(models)}")
     batch = cfg.batch_size if batch is None else batch
     x = torch.randn(batch, *image_shape, device=device)
-    seconds = time_rounds(_prepared(models, cfg), x, cfg)
+    timed = time_rounds(_prepared(models, cfg), x, cfg)
     out = {}
     for name in models:
-        row = _summary({name: seconds[name]}, batch, {name: ""})
+        row = _summary(timed, batch, {name: ""})
         if gflops:
             row["gflops"] = count_gflops(models[name], image_shape, device)
         if name != reference:
-            r = _ratios(seconds, name, reference)
-            row.update(speedup=statistics.median(r), speedup_min=min(r), speedup_max=max(r), speedup_spread=spread(r))
+            pooled, r = timed.ratio(name, reference)
+            row.update(speedup=pooled, speedup_min=min(r), speedup_max=max(r), speedup_spread=spread(r))
         out[name] = row
     if gflops:
         for name, row in out.items():
@@ -208,7 +282,7 @@ def bench_pair(
 
     ``latency_ms``/``dense_latency_ms`` (one forward of the batch), ``throughput_ips``/
     ``dense_throughput_ips``, each with ``*_spread``; ``speedup`` (sparse over dense throughput,
-    per-round ratio, median) with ``speedup_min``/``speedup_max``/``speedup_spread``; ``gflops``,
+    cycle-by-cycle ratio, median) with ``speedup_min``/``speedup_max``/``speedup_spread``; ``gflops``,
     ``dense_gflops``, ``flops_bound`` (dense over sparse GFLOPs), ``efficiency`` (speed-up over bound)."""
     rows = bench_models({"dense": dense, "sparse": sparse}, image_shape, device, cfg, batch)
     out = dict(rows["sparse"])
@@ -227,6 +301,8 @@ def profile_ops(model: nn.Module, x: torch.Tensor, cfg: MeasureConfig, iters: in
     run = _prepared({"m": model}, cfg)["m"]
     amp = cfg.autocast_dtype(x.device)
     cuda = x.device.type == "cuda"
+    if x.device.type == "cpu":
+        hold_freed_memory()
     with _autocast(x.device, amp):
         for _ in range(max(1, cfg.warmup)):
             run(x)
@@ -299,10 +375,10 @@ def measure_pair(
         ``latency_ms`` (batch 1, median over rounds), ``throughput_ips`` (images/s at
         ``cfg.batch_size``), the same two as ``dense_latency_ms``/``dense_throughput_ips``, each with
         its ``*_spread`` over rounds; ``speedup`` (dense over sparse latency) and ``throughput_ratio``
-        (sparse over dense throughput), each the median of per-round ratios, with ``speedup_spread``/
-        ``throughput_ratio_spread``; ``gflops``, ``dense_gflops``, ``flops_bound`` (dense over sparse
-        GFLOPs) and ``efficiency`` (throughput ratio over bound). On a noisy machine the ratios are
-        the robust figures: both sides of each come from the same round.
+        (sparse over dense throughput), each the median of cycle-by-cycle ratios, with
+        ``speedup_spread``/``throughput_ratio_spread`` over rounds; ``gflops``, ``dense_gflops``,
+        ``flops_bound`` (dense over sparse GFLOPs) and ``efficiency`` (throughput ratio over bound).
+        On a noisy machine the ratios are the robust figures: both sides of each are timed back to back.
     """
     names = {"sparse": "", "dense": "dense_"}
     models = _prepared({"sparse": sparse, "dense": dense}, cfg)
@@ -314,14 +390,14 @@ def measure_pair(
         batch = torch.randn(cfg.batch_size, *image_shape, device=device)
         thr = time_rounds(models, batch, cfg, max(1, cfg.warmup // 2), max(3, cfg.iters // 3))
     by_lat, by_thr = _summary(lat, 1, names), _summary(thr, cfg.batch_size, names)
-    speedup, ratio = _ratios(lat, "sparse", "dense"), _ratios(thr, "sparse", "dense")
+    (speedup, speedup_rounds), (ratio, ratio_rounds) = lat.ratio("sparse", "dense"), thr.ratio("sparse", "dense")
     result = {
         "latency_ms": by_lat["latency_ms"], "latency_spread": by_lat["latency_spread"],
         "throughput_ips": by_thr["throughput_ips"], "throughput_spread": by_thr["throughput_spread"],
         "dense_latency_ms": by_lat["dense_latency_ms"], "dense_latency_spread": by_lat["dense_latency_spread"],
         "dense_throughput_ips": by_thr["dense_throughput_ips"], "dense_throughput_spread": by_thr["dense_throughput_spread"],
-        "speedup": statistics.median(speedup), "speedup_spread": spread(speedup),
-        "throughput_ratio": statistics.median(ratio), "throughput_ratio_spread": spread(ratio),
+        "speedup": speedup, "speedup_spread": spread(speedup_rounds),
+        "throughput_ratio": ratio, "throughput_ratio_spread": spread(ratio_rounds),
         "gflops": count_gflops(sparse, image_shape, device),
         "dense_gflops": count_gflops(dense, image_shape, device),
     }

@@ -220,8 +220,8 @@ class SweepConfig:
 
     search_space: str = ""
     methods: tuple[MethodArm, ...] = ()
-    # Accuracy against the speed-up over the dense backbone timed beside the model in the same
-    # rounds (a per-round ratio): absolute latency moves with whatever else runs on the machine,
+    # Accuracy against the speed-up over the dense backbone timed beside the model, call by call
+    # (a ratio): absolute latency moves with whatever else runs on the machine,
     # the ratio does not. ``latency_ms`` is still recorded, and can be the objective instead.
     objectives: tuple[Objective, ...] = (Objective("val_top1", "max"), Objective("speedup", "max"))
     num_samples: int = 8

@@ -77,7 +77,6 @@ def test_parent_and_children_recorded(sweep):
             assert metric in child.data.metrics, metric
         m = child.data.metrics
         assert 0 <= m["val_top1"] <= 100
-        assert m["speedup"] == pytest.approx(m["dense_latency_ms"] / m["latency_ms"], rel=1e-6)
         assert m["gflops"] < m["dense_gflops"]  # tokens really dropped at inference
         history = client.get_metric_history(child.info.run_id, "train_loss")
         assert sorted(h.step for h in history) == list(range(EPOCHS))

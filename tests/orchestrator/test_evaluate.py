@@ -46,7 +46,7 @@ def test_eval_of_a_published_layout_reports_accuracy_and_speed(digits_root, tmp_
     assert out["metrics"]["val_top1"] == pytest.approx(100 * share)  # it always answers 3
     m = out["metrics"]
     assert m["gflops"] < m["dense_gflops"] and m["latency_ms"] > 0 and m["dense_throughput_ips"] > 0
-    assert m["speedup"] == pytest.approx(m["dense_latency_ms"] / m["latency_ms"])
+    assert m["speedup"] > 0 and m["throughput_ratio"] > 0  # medians of cycle-by-cycle ratios (tests/methods/test_measure.py)
 
 
 def test_eval_refuses_a_mismatched_checkpoint_in_one_line(digits_root, tmp_path):
