@@ -47,6 +47,14 @@ RECONCILED_TAG = "prunetune.reconciled"  # a run a killed driver left RUNNING, e
 _DRIVER_ENV = {
     "TUNE_DISABLE_STRICT_METRIC_CHECKING": "1",  # per-epoch reports lack the final latency metrics
 }
+#: Settings for a Ray this process starts (where the user has not set them; a cluster keeps its own).
+#: Ray kills an idle worker process after 1 s once it runs more processes than the node has CPUs,
+#: which a Train trial always does (trial actor, controller, ranks, their helper actors): the warm
+#: process of the evaluation task (torch, timm and the methods imported) was gone by the next
+#: training-free trial, which then spent 8-10 s starting a new one (the quickstart's ToMe trials).
+_LOCAL_RAY_ENV = {
+    "RAY_num_workers_soft_limit": "16",
+}
 
 
 @dataclass
@@ -73,6 +81,8 @@ def init_ray(address: str | None = None) -> None:
     os.environ.update(_DRIVER_ENV)
     if ray.is_initialized():
         return
+    for key, value in _LOCAL_RAY_ENV.items():
+        os.environ.setdefault(key, value)
     cluster.connect(address, logging_level=logging.WARNING)  # one line for a wrong address or token
     if not _verbose():
         quiet_worker_logs()  # Ray's per-report/per-checkpoint lines stay in its log files only
