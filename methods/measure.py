@@ -9,8 +9,9 @@ figure is the median of its calls in each round, then the median over rounds, wi
 against the dense call beside it, and pooled by its median over every cycle of every round: a burst
 of load from another process lasts longer than one call, so it hits both sides of a cycle's ratio
 or just one cycle, which the median drops. (Round by round, as before 2026-11-22, the same figures
-spread 17-90% between repeated measurements on the 2-core VM; cycle by cycle, 4-7%.) GFLOPs are fvcore MACs (the convention of every paper in this field) of one image through
-the eval-mode graph, so gathered-away tokens are not counted.
+spread 17-90% between repeated measurements on the 2-core VM; cycle by cycle, 4-7%.) GFLOPs are
+fvcore MACs (the convention of every paper in this field) of one image through the eval-mode graph,
+so gathered-away tokens are not counted.
 
 On CPU, timing first sets glibc's malloc to keep the memory it frees (``hold_freed_memory``): by
 default it hands big blocks back to the kernel, so every forward page-faults its activations in again
@@ -54,8 +55,9 @@ class MeasureConfig:
 
     Attributes:
         batch_size: batch for throughput (images/s); a trial's latency always uses batch 1.
-        warmup: untimed forward passes before each timed round.
-        iters: timed forward passes per round (their median is the round's figure).
+        warmup: untimed forward passes of each model at the start of each round.
+        iters: timed cycles per round, one forward of each model each (a model's median call is
+            its figure for the round; ratios are taken cycle by cycle).
         rounds: interleaved rounds; the median over rounds is reported, with its spread.
         amp: time under autocast in the device's usual half type (fp16 on CUDA, bf16 on CPU);
             ``precision`` names the type explicitly and wins when not fp32.
@@ -104,7 +106,9 @@ def hold_freed_memory() -> bool:
     Measured on the 2-core CPU VM: DeiT-S, batch 32, 104k-151k faults per dense forward and 28k for
     DynamicViT (rho 0.7), which timed it at 1.57-1.73x against a 1.54x FLOPs bound, and two copies
     of the dense model 10% apart; with this, 0 faults, 1.55x and 1%. (The tiny quickstart ViT at
-    batch 64: 3088 faults per dense forward, 0 for DynamicViT.) Memory the process has used stays
+    batch 64: 3088 faults per dense forward, 0 for DynamicViT.) Not a guarantee: a 64 MiB block
+    was still faulted in by 1-2 calls in 8 on one torch thread (tests/methods/test_measure.py), and
+    by most calls in a process whose heap ~600 tests had shaped. Memory the process has used stays
     with it until it exits, which suits a process that measures."""
     global _HELD
     if _HELD is None:
@@ -250,7 +254,8 @@ def bench_models(
     Returns per model: ``latency_ms`` (one forward of the batch, median over rounds),
     ``throughput_ips``, their ``*_spread``, ``gflops``; and for every other model ``speedup`` (its
     throughput over the reference's, cycle by cycle, median over all rounds), ``speedup_min``/
-    ``speedup_max``/``speedup_spread`` (over the rounds' medians), ``flops_bound`` (reference GFLOPs over its own) and ``efficiency`` (speed-up over bound).
+    ``speedup_max``/``speedup_spread`` (over the rounds' medians), ``flops_bound`` (reference GFLOPs
+    over its own) and ``efficiency`` (speed-up over bound).
     """
     if reference not in models:
         raise ValueError(f"reference model {reference!r} is not among {list(models)}")

@@ -2,8 +2,8 @@
 
 Builds the method's model on the backbone (random weights, or a checkpoint's), exactly as a trial
 does, and times it with ``methods.measure.bench_pair`` (the code behind a trial's latency figures):
-both models in this process, interleaved round by round after warm-up, medians and spreads over
-rounds, the speed-up as the median of per-round throughput ratios, fvcore GFLOPs of both.
+both models in this process, interleaved call by call after warm-up, medians and spreads over
+rounds, the speed-up as the median of cycle-by-cycle throughput ratios, fvcore GFLOPs of both.
 """
 from __future__ import annotations
 
@@ -140,7 +140,7 @@ def format_bench(r: dict[str, Any]) -> str:
     widths = [max(len(row[i]) for row in rows) for i in range(4)]
     lines += ["  " + "  ".join(c.rjust(w) if i else c.ljust(w) for i, (c, w) in enumerate(zip(row, widths))) for row in rows]
     lines.append(
-        f"  speed-up {r['speedup']:.3f}x (per-round {r['speedup_min']:.3f}-{r['speedup_max']:.3f}, spread {r['speedup_spread']:.1%}), "
+        f"  speed-up {r['speedup']:.3f}x (rounds {r['speedup_min']:.3f}-{r['speedup_max']:.3f}, spread {r['speedup_spread']:.1%}), "
         f"FLOPs bound {r['flops_bound']:.3f}x, efficiency {r['efficiency']:.3f}"
     )
     for name, ops in r.get("profile", {}).items():

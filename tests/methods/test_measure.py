@@ -119,7 +119,7 @@ def test_measure_pair_times_each_model_in_its_own_slot_in_eval_mode(monkeypatch)
         assert not any(training or grad for _, training, grad in model.calls)
 
 
-# ---- bench: one batch, interleaved rounds, spreads, per-round ratios (fake clock: arithmetic, not speed)
+# ---- bench: one batch, interleaved rounds, spreads, cycle-by-cycle ratios (fake clock: arithmetic, not speed)
 
 def _fake_clock(monkeypatch) -> list[float]:
     import types
@@ -253,21 +253,27 @@ class _BigActivation(torch.nn.Module):
 
 
 _FAULTS_PER_CALL = """
-import resource, torch
+import resource, statistics, sys, torch
+from methods.measure import time_forward
 from {module} import _BigActivation
 m, x = _BigActivation(), torch.ones(1 << 18)
-m(x)
-before = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
-for _ in range(4):
-    m(x)
-print((resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before) / 4)
+timed = sys.argv[1] == "timed"
+time_forward(m, x, warmup=3, iters=1) if timed else [m(x) for _ in range(4)]
+per_call = []
+for _ in range(8):
+    before = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
+    time_forward(m, x, warmup=0, iters=1) if timed else m(x)
+    per_call.append(resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before)
+print(statistics.median(per_call))
 """
 
 
 def test_timing_on_cpu_reuses_freed_memory_instead_of_faulting_it_in_every_call():
     """A forward's activations come back from the heap, not from fresh zeroed pages, once timing
     has begun (``hold_freed_memory``): page faults cost time in proportion to the bytes allocated,
-    which is not what a method saves (methods/measure.py)."""
+    which is not what a method saves (methods/measure.py). Both sides run in a fresh interpreter,
+    as a trial's worker or ``prunetune bench`` does (this test process's heap is whatever the tests
+    before it left)."""
     import resource
     import subprocess
     import sys
@@ -278,14 +284,14 @@ def test_timing_on_cpu_reuses_freed_memory_instead_of_faulting_it_in_every_call(
     if not measure_module.hold_freed_memory():
         pytest.skip("not glibc: malloc's settings are not ours to hold")
     pages = 64 * 2**20 // resource.getpagesize()
-    # The premise, in a fresh interpreter with glibc's defaults: every call faults the block in again.
     here = Path(__file__).resolve()
     code = _FAULTS_PER_CALL.format(module=here.stem)
-    fresh = subprocess.run([sys.executable, "-c", code], cwd=here.parent, capture_output=True, text=True, timeout=120, check=True)
-    assert float(fresh.stdout.split()[-1]) > 0.9 * pages
-    # Timed here: the first call maps the block; the timed ones fault (almost) nothing.
-    model, x = _BigActivation(), torch.ones(1 << 18)
-    measure_module.time_forward(model, x, warmup=1, iters=1)
-    before = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
-    measure_module.time_forward(model, x, warmup=0, iters=4)
-    assert (resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before) / 4 < 0.02 * pages
+
+    def faults_per_call(mode: str) -> float:
+        done = subprocess.run([sys.executable, "-c", code, mode], cwd=here.parent, capture_output=True, text=True, timeout=120, check=True)
+        return float(done.stdout.split()[-1])
+
+    # The median call over 8: with the memory held, a call still faults the whole block in now and
+    # then (1-2 calls in 8 when torch runs on one thread; measured), but not as a rule.
+    assert faults_per_call("plain") > 0.9 * pages  # glibc's defaults: every call faults the block in again
+    assert faults_per_call("timed") < 0.02 * pages  # held: the block's pages are reused
