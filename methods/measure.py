@@ -129,6 +129,21 @@ def _sync(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
+def _start_timing(device: torch.device) -> None:
+    """What every timing does first: on CPU, hold freed memory (``hold_freed_memory``)."""
+    if device.type == "cpu":
+        hold_freed_memory()
+
+
+def _timed_call(model: nn.Module, x: torch.Tensor) -> float:
+    """Seconds of one forward of ``model`` on ``x``, synchronized around it on CUDA."""
+    _sync(x.device)
+    start = time.perf_counter()
+    model(x)
+    _sync(x.device)
+    return time.perf_counter() - start
+
+
 def _autocast(device: torch.device, amp: bool | torch.dtype | None):
     if amp is None or amp is False:
         return nullcontext()
@@ -142,18 +157,11 @@ def time_forward(model: nn.Module, x: torch.Tensor, warmup: int, iters: int, amp
 
     ``amp``: False/None for fp32, a dtype to autocast to, or True for the device's usual half type.
     On CPU, freed memory is held first (``hold_freed_memory``)."""
-    if x.device.type == "cpu":
-        hold_freed_memory()
-    times = []
+    _start_timing(x.device)
     with _autocast(x.device, amp):
         for _ in range(warmup):
             model(x)
-        for _ in range(iters):
-            _sync(x.device)
-            start = time.perf_counter()
-            model(x)
-            _sync(x.device)
-            times.append(time.perf_counter() - start)
+        times = [_timed_call(model, x) for _ in range(iters)]
     return statistics.median(times)
 
 
@@ -207,8 +215,7 @@ def time_rounds(
     warmup = cfg.warmup if warmup is None else warmup
     iters = cfg.iters if iters is None else iters
     amp = cfg.autocast_dtype(x.device)
-    if x.device.type == "cpu":
-        hold_freed_memory()
+    _start_timing(x.device)
     names = list(models)
     calls: dict[str, list[list[float]]] = {n: [] for n in names}
     with _autocast(x.device, amp):
@@ -223,11 +230,7 @@ def time_rounds(
             for k in range(iters):
                 shift = (r + k) % len(names)
                 for name in names[shift:] + names[:shift]:
-                    _sync(x.device)
-                    start = time.perf_counter()
-                    models[name](x)
-                    _sync(x.device)
-                    calls[name][-1].append(time.perf_counter() - start)
+                    calls[name][-1].append(_timed_call(models[name], x))
     return Timed(calls)
 
 
@@ -306,8 +309,7 @@ def profile_ops(model: nn.Module, x: torch.Tensor, cfg: MeasureConfig, iters: in
     run = _prepared({"m": model}, cfg)["m"]
     amp = cfg.autocast_dtype(x.device)
     cuda = x.device.type == "cuda"
-    if x.device.type == "cpu":
-        hold_freed_memory()
+    _start_timing(x.device)
     with _autocast(x.device, amp):
         for _ in range(max(1, cfg.warmup)):
             run(x)
