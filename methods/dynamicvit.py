@@ -35,7 +35,7 @@ import torch.nn.functional as F
 from torch import nn
 from timm.models.vision_transformer import VisionTransformer
 
-from ._common import block_forward, fit_backbone, gather_tokens, policy_attention, vit_head, vit_stem
+from ._common import block_forward, fit_backbone, gather_tokens, policy_attention, prefixed, vit_head, vit_stem
 from ._common.trace import kept_stage, traced
 from .base import Geometry, LossOutput, MethodConfig, MethodOutput, SparsityMethod, TaskLoss, TokenStage, register_method, split_decay
 
@@ -164,7 +164,7 @@ class DynamicViT(nn.Module):
                 logp = self.predictors[stage](patches, patches.new_ones(*patches.shape[:2], 1))
                 keep = logp[..., 0].topk(self.keep_counts[stage], dim=1).indices  # score order
                 kept.append(keep)
-                x = torch.cat([x[:, :npre], gather_tokens(patches, keep)], dim=1)
+                x = gather_tokens(x, prefixed(keep, npre))
                 stage += 1
             x = blk(x)
         logits, tokens = vit_head(self.vit, x)

@@ -221,7 +221,7 @@ class EvoViT(nn.Module):
                 end = ends[i]
                 g, rank = g.sort(dim=1, descending=True, stable=True)
                 selections.append(g)
-                patches = gather_tokens(x[:, npre:], rank)
+                patches = gather_tokens(x, rank, npre)
                 order = order.gather(1, rank)
                 kept.append((i, order[:, :keep]))
                 held = patches[:, keep:]

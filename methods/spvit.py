@@ -289,11 +289,10 @@ class SPViT(nn.Module):
                     score, keep_prob = self.predictors[stage](rest, rest.new_ones(*rest.shape[:2], 1))
                     margin = score[:, :n, 0] - score[:, :n, 1]
                     order = margin.argsort(dim=1, descending=True)
-                    patches = x[:, npre:npre + n]
                     keep, drop = order[:, :k], order[:, k:]
                     selections.append((i, keep, drop))
-                    package = package_token(gather_tokens(patches, drop), torch.gather(keep_prob[:, :n], 1, drop))
-                    x = torch.cat([x[:, :npre], gather_tokens(patches, keep), x[:, npre + n:], package], dim=1)
+                    package = package_token(gather_tokens(x, drop, npre), torch.gather(keep_prob[:, :n], 1, drop))
+                    x = torch.cat([x[:, :npre], gather_tokens(x, keep, npre), x[:, npre + n:], package], dim=1)
                     n = k
                 stage += 1
             x = blk(x)

