@@ -52,8 +52,11 @@ _DRIVER_ENV = {
 #: which a Train trial always does (trial actor, controller, ranks, their helper actors): the warm
 #: process of the evaluation task (torch, timm and the methods imported) was gone by the next
 #: training-free trial, which then spent 8-10 s starting a new one (the quickstart's ToMe trials).
+#: Ray's default limit is the CPU count, so the setting never lowers it. A cluster's small CPU
+#: workers get the same setting in their pod spec (cluster/kuberay/overlays/cpu).
+MIN_WORKERS_SOFT_LIMIT = 16
 _LOCAL_RAY_ENV = {
-    "RAY_num_workers_soft_limit": "16",
+    "RAY_num_workers_soft_limit": str(max(MIN_WORKERS_SOFT_LIMIT, os.cpu_count() or 1)),
 }
 
 

@@ -651,6 +651,27 @@ def test_cpu_overlay_has_no_gpu_left():
                 assert quantity(c["resources"]["limits"].get("memory", "0")) <= 8 * 2**30, f"{label}: small pods"
 
 
+@pytest.mark.parametrize("name", sorted(KUSTOMIZATIONS))
+def test_ray_workers_keep_idle_processes_up_to_the_local_soft_limit(name):
+    """Ray kills idle worker processes beyond ``num_workers_soft_limit`` (default: the node's CPUs).
+    A worker pod with fewer CPUs than the local sweep's minimum must raise it, or the warm evaluation
+    process dies during every Train trial; a bigger pod needs nothing (its default is larger)."""
+    from orchestrator.sweep import MIN_WORKERS_SOFT_LIMIT
+
+    checked = 0
+    for label, spec in ray_cluster_specs(list(_rendered(name))):
+        for group_label, group in ray_groups(spec):
+            if group_label == "head":
+                continue  # num-cpus 0: no tasks or actors run there
+            (ray_container,) = group["template"]["spec"]["containers"]
+            cpus = quantity(ray_container["resources"]["limits"]["cpu"])
+            env = {e["name"]: e.get("value") for e in ray_container.get("env", [])}
+            limit = int(env.get("RAY_num_workers_soft_limit", cpus))
+            assert limit >= MIN_WORKERS_SOFT_LIMIT, f"{label} {group_label}: {cpus:g} CPUs, soft limit {limit}"
+            checked += cpus < MIN_WORKERS_SOFT_LIMIT
+    assert checked or name == "base", "the CPU overlay's small workers were not checked"
+
+
 # --- the sweep job ----------------------------------------------------------------------------
 
 def _entrypoint(doc: dict) -> tuple[Path, Path, str, list[str]]:
