@@ -501,3 +501,26 @@ def test_pruning_loc_beyond_depth_raises(tiny_vit, loc):
     with pytest.raises(ValueError, match="pruning_loc"):
         DynamicViT(tiny_vit, cfg)
     DynamicViTConfig(pruning_loc=(1, 3, 5)).validate_for(Geometry(6, 64, (8, 8), 96, 3))  # the last block is a valid location
+
+
+def test_gather_tokens_picks_each_samples_rows_by_a_python_loop(rng):
+    """``gather_tokens`` (flattened ``index_select``) against per-sample indexing written out, with
+    ``start`` reading a slice it must not copy, ``prefixed`` putting the prefix in front, and the
+    gradient reaching exactly the picked rows (a row picked twice gets both)."""
+    from methods._common import prefixed
+
+    x = torch.randn(3, 9, 5, generator=rng, requires_grad=True)
+    index = torch.tensor([[0, 6, 2], [5, 5, 1], [3, 0, 4]])
+    for start in (0, 2):
+        got = gather_tokens(x, index, start)
+        expected = torch.stack([torch.stack([x[b, start + i] for i in index[b].tolist()]) for b in range(3)])
+        torch.testing.assert_close(got, expected, rtol=0, atol=0)
+    whole = gather_tokens(x, prefixed(index, 2))
+    torch.testing.assert_close(whole[:, :2], x[:, :2], rtol=0, atol=0)
+    torch.testing.assert_close(whole[:, 2:], gather_tokens(x, index, 2), rtol=0, atol=0)
+    gather_tokens(x, index, 2).sum().backward()
+    counts = torch.zeros(3, 9)
+    for b in range(3):
+        for i in index[b].tolist():
+            counts[b, 2 + i] += 1
+    torch.testing.assert_close(x.grad, counts.unsqueeze(-1).expand(-1, -1, 5))
