@@ -62,7 +62,7 @@ import torch.nn.functional as F
 from torch import nn
 from timm.models.vision_transformer import Block, VisionTransformer
 
-from ._common import fit_backbone, merge_heads, qkv_heads, sdpa, vit_stem
+from ._common import batch_rows, fit_backbone, merge_heads, qkv_heads, sdpa, vit_stem
 from ._common.trace import traced
 from .base import Geometry, MethodConfig, MethodOutput, SparsityMethod, TokenStage, register_method
 
@@ -229,11 +229,8 @@ def bipartite_merge(
         # Rows of x (batch flattened) that make the output: the prefix in its original order, the
         # unmerged A tokens, then B; and the output row each merged token joins (B's j-th is row na - r + j).
         pos = torch.arange(n, device=x.device)
-        batch = torch.arange(b, device=x.device).unsqueeze(1)
         take = torch.cat([pos[:protected].expand(b, -1), 2 * keep[:, pa:], pos[2 * pb + 1 :: 2].expand(b, -1)], dim=1)
-        take = (take + batch * n).flatten()
-        src = (2 * src + batch * n).flatten()
-        into = (dst + na - r + batch * (n - r)).flatten()
+        take, src, into = batch_rows(take, n), batch_rows(2 * src, n), batch_rows(dst + na - r, n - r)
     # The size-weighted mean of b and the a merged into it, written as b + sum_a s_a (a - b) / (s_b + sum s_a):
     # one copy of the rows that stay (unmerged tokens are carried exactly) and arithmetic on r rows.
     rows = x.reshape(b * n, c)

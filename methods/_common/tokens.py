@@ -15,8 +15,13 @@ def gather_tokens(x: torch.Tensor, index: torch.Tensor, start: int = 0) -> torch
     element by element. ``start`` selects from ``x[:, start:]`` without copying that slice first.
     """
     b, n, c = x.shape
-    rows = index + start + torch.arange(b, device=index.device).unsqueeze(1) * n
-    return x.reshape(b * n, c).index_select(0, rows.flatten()).view(b, index.shape[1], c)
+    return x.reshape(b * n, c).index_select(0, batch_rows(index + start, n)).view(b, index.shape[1], c)
+
+
+def batch_rows(index: torch.Tensor, n: int) -> torch.Tensor:
+    """Per-sample token indices ``[B, K]`` into sequences of ``n`` -> row numbers ``[B * K]`` of the
+    batch's tokens flattened to ``[B * n, ...]`` (for ``index_select``/``index_add`` over them)."""
+    return (index + torch.arange(index.shape[0], device=index.device).unsqueeze(1) * n).flatten()
 
 
 def prefixed(index: torch.Tensor, num_prefix: int) -> torch.Tensor:
