@@ -590,9 +590,30 @@ def _linear_like(src: nn.Linear, weight: torch.Tensor, bias: torch.Tensor | None
     return layer
 
 
+#: Exported MLP widths are rounded up to a multiple of this with zero neurons (see ``export_structured``).
+MLP_ALIGN = 8
+
+
+def _pad_rows(t: torch.Tensor, n: int, dim: int) -> torch.Tensor:
+    """``t`` with zeros appended along ``dim`` up to size ``n``."""
+    if t.shape[dim] == n:
+        return t
+    shape = list(t.shape)
+    shape[dim] = n - t.shape[dim]
+    return torch.cat([t, t.new_zeros(shape)], dim=dim)
+
+
 @torch.no_grad()
-def export_structured(model: SViTE) -> SViTEExport:
-    """The masked S2ViTE model as a smaller timm network: inactive heads and neurons removed."""
+def export_structured(model: SViTE, align: int = MLP_ALIGN) -> SViTEExport:
+    """The masked S2ViTE model as a smaller timm network: inactive heads and neurons removed.
+
+    Deviation from the reference (which only masks): the MLP keeps its active neurons plus zero ones
+    up to a multiple of ``align`` (921 of DeiT-S's 1536 at density 0.6 becomes 928). A zero neuron
+    (zero ``fc1`` row and bias, zero ``fc2`` column) adds exactly nothing, so the function is the
+    masked model's; the GEMMs stay aligned for tensor cores. Measured on an H100 at batch 256 in
+    bf16: with 921 neurons cuBLAS fell back to an ``align1`` kernel and S2ViTE ran at 0.69x the dense
+    DeiT-S; the zero neurons cost 0.8% more MLP FLOPs, counted in its GFLOPs.
+    """
     vit = copy.deepcopy(model.vit)
     for blk in vit.blocks:
         attn, mlp = blk.attn, blk.mlp
@@ -604,9 +625,10 @@ def export_structured(model: SViTE) -> SViTEExport:
         attn.proj = _linear_like(attn.proj, attn.proj.weight.index_select(1, cols), attn.proj.bias)
         attn.num_heads = heads.numel()
         attn.attn_dim = heads.numel() * attn.head_dim
-        fc1_bias = mlp.fc1.bias.index_select(0, neurons) if mlp.fc1.bias is not None else None
-        mlp.fc1 = _linear_like(mlp.fc1, mlp.fc1.weight.index_select(0, neurons), fc1_bias)
-        mlp.fc2 = _linear_like(mlp.fc2, mlp.fc2.weight.index_select(1, neurons), mlp.fc2.bias)
+        width = -(-neurons.numel() // align) * align
+        fc1_bias = _pad_rows(mlp.fc1.bias.index_select(0, neurons), width, 0) if mlp.fc1.bias is not None else None
+        mlp.fc1 = _linear_like(mlp.fc1, _pad_rows(mlp.fc1.weight.index_select(0, neurons), width, 0), fc1_bias)
+        mlp.fc2 = _linear_like(mlp.fc2, _pad_rows(mlp.fc2.weight.index_select(1, neurons), width, 1), mlp.fc2.bias)
         del attn.head_mask, mlp.neuron_mask
     selector = copy.deepcopy(model.selector) if model.selector is not None else None
     return SViTEExport(vit, selector, model.token_number).train(model.training)

@@ -32,7 +32,7 @@ from .data import build_calibration_datasets, build_datasets
 from .nan_guard import NanGuard, NonFiniteLossError
 from .resume import ResumableSampler, check_identity, gather_rng_states, loader_seed, seed_everything, set_rng_state
 from .timing import Stopwatch
-from .train_reports import TABLES_KEY
+from .report_keys import TABLES_KEY
 
 __all__ = ["Run", "build_run", "fit", "restore", "NonFiniteLossError", "Report"]
 

@@ -36,7 +36,7 @@ import torch.nn.functional as F
 from torch.overrides import TorchFunctionMode
 
 from .config import NanGuardConfig
-from .train_reports import NAN_EVENTS_KEY
+from .report_keys import NAN_EVENTS_KEY
 
 if TYPE_CHECKING:
     from .loop import Run

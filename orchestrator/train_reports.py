@@ -3,7 +3,8 @@
 Ray Train unpickles its callbacks in the run's controller process, which starts afresh for every
 run. So this module imports neither torch nor the methods (``orchestrator/__init__.py`` imports
 nothing either): the controller starts in about 1.5 s instead of 4.5 s on 2 cores. The keys under
-which reports carry JSON payloads live here, for the same reason.
+which reports carry JSON payloads live in ``report_keys`` (no imports at all), which the training
+loop uses too.
 """
 from __future__ import annotations
 
@@ -16,23 +17,13 @@ from typing import Any
 from ray.train import UserCallback
 
 from .outbox import Outbox, outbox_path
+from .report_keys import DEVICE_TAG, NAN_EVENTS_KEY, NAN_EVENTS_TAG, RANK_KEY, RANKS_TAG, TABLES_KEY
 from .timing import Stopwatch
 from .tracking import Tracker
 
 __all__ = ["MlflowReportCallback", "RANK_KEY", "TABLES_KEY", "NAN_EVENTS_KEY", "RANKS_TAG", "DEVICE_TAG", "NAN_EVENTS_TAG"]
 
 _logger = logging.getLogger(__name__)
-
-#: Each rank's report carries where it ran (rank, world size, node, device, images seen), as JSON under this key.
-RANK_KEY = "rank_json"
-#: A trial's measurement tables travel to the tracker inside its final metrics, as JSON under this key.
-TABLES_KEY = "measure_tables_json"
-#: The NaN guard's events so far, as JSON under this key (``orchestrator.nan_guard``).
-NAN_EVENTS_KEY = "nan_events_json"
-RANKS_TAG = "prunetune.ranks"  # JSON: each rank's rank, world size, node id, device and images seen per epoch
-DEVICE_TAG = "device"  # what rank 0 ran and was measured on (fronts compare only runs of one device)
-NAN_EVENTS_TAG = "prunetune.nan_events"  # JSON: the NaN guard's events (also the artifact nan_events.json)
-
 
 class MlflowReportCallback(UserCallback):
     """Logs rank 0's reported metrics (and the checkpoint URI) to an MLflow run, step = epoch.
