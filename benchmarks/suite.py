@@ -62,8 +62,10 @@ def markdown(doc: dict) -> str:
     m = doc["machine"]
     where = m.get("gpu") or f"{m['cpu']}, {m['cpus_usable']} cores usable, {m['torch_threads']} torch threads"
     lines = [f"**{doc['note']}**", ""] if doc.get("note") else []
+    dates = sorted(r["machine"]["date"] for r in doc["rows"] if "date" in r.get("machine", {}))
+    when = f"rows measured {dates[0]} to {dates[-1]}" if len(set(dates)) > 1 else (dates[0] if dates else doc["started"])
     lines += [
-        f"Speed suite on {doc['device']} ({where}), torch {m['torch']}, {doc['started']}; random weights, 224 px, "
+        f"Speed suite on {doc['device']} ({where}), torch {m['torch']}, {when}; random weights, 224 px, "
         f"{doc['rounds']} interleaved rounds per row; speed-up = throughput over dense's, "
         "cycle-by-cycle ratio, median (min-max of the rounds' medians); "
         "bound = dense / method GFLOPs; efficiency = speed-up / bound; ± = (max - min) / median over rounds.",

@@ -130,3 +130,6 @@ def test_suite_skips_rows_already_measured_and_writes_the_table(tmp_path, capsys
     table = out.with_suffix(".md").read_text()
     assert "| deit_tiny | dense | 1 | eager | fp32 | 1.26 | 1.00 | 50.0 ±4% | 51.0 ±3% | 0.99 (0.97-1.02) | 0.99 |" in table
     assert suite.setting("tome", "deit_base") == {"r": 13} and suite.setting("dynamicvit", "deit_tiny")["keep_ratio"] == 0.7
+    # Rows measured again later (--redo) keep their own dates: the table names the span, not the file's first start.
+    doc["rows"] = [{**row, "machine": {"date": "2026-11-22 13:49:31 UTC"}}, {**row, "batch": 32, "machine": {"date": "2026-11-22 20:08:28 UTC"}}]
+    assert "rows measured 2026-11-22 13:49:31 UTC to 2026-11-22 20:08:28 UTC;" in suite.markdown(doc)
