@@ -23,7 +23,7 @@ from methods.latency import device_name
 
 from . import checkpoints, loop, storage
 from .config import ExperimentConfig
-from .train_reports import RANK_KEY
+from .report_keys import RANK_KEY
 
 __all__ = ["train_fn_per_worker", "configure_logging", "load_state", "STATE_FILE", "RANK_KEY", "EXPERIMENT_KEY"]
 
