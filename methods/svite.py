@@ -594,15 +594,6 @@ def _linear_like(src: nn.Linear, weight: torch.Tensor, bias: torch.Tensor | None
 MLP_ALIGN = 8
 
 
-def _pad_rows(t: torch.Tensor, n: int, dim: int) -> torch.Tensor:
-    """``t`` with zeros appended along ``dim`` up to size ``n``."""
-    if t.shape[dim] == n:
-        return t
-    shape = list(t.shape)
-    shape[dim] = n - t.shape[dim]
-    return torch.cat([t, t.new_zeros(shape)], dim=dim)
-
-
 @torch.no_grad()
 def export_structured(model: SViTE, align: int = MLP_ALIGN) -> SViTEExport:
     """The masked S2ViTE model as a smaller timm network: inactive heads and neurons removed.
@@ -625,10 +616,10 @@ def export_structured(model: SViTE, align: int = MLP_ALIGN) -> SViTEExport:
         attn.proj = _linear_like(attn.proj, attn.proj.weight.index_select(1, cols), attn.proj.bias)
         attn.num_heads = heads.numel()
         attn.attn_dim = heads.numel() * attn.head_dim
-        width = -(-neurons.numel() // align) * align
-        fc1_bias = _pad_rows(mlp.fc1.bias.index_select(0, neurons), width, 0) if mlp.fc1.bias is not None else None
-        mlp.fc1 = _linear_like(mlp.fc1, _pad_rows(mlp.fc1.weight.index_select(0, neurons), width, 0), fc1_bias)
-        mlp.fc2 = _linear_like(mlp.fc2, _pad_rows(mlp.fc2.weight.index_select(1, neurons), width, 1), mlp.fc2.bias)
+        extra = -neurons.numel() % align  # zero neurons up to the next multiple of ``align``
+        fc1_bias = F.pad(mlp.fc1.bias.index_select(0, neurons), (0, extra)) if mlp.fc1.bias is not None else None
+        mlp.fc1 = _linear_like(mlp.fc1, F.pad(mlp.fc1.weight.index_select(0, neurons), (0, 0, 0, extra)), fc1_bias)
+        mlp.fc2 = _linear_like(mlp.fc2, F.pad(mlp.fc2.weight.index_select(1, neurons), (0, extra)), mlp.fc2.bias)
         del attn.head_mask, mlp.neuron_mask
     selector = copy.deepcopy(model.selector) if model.selector is not None else None
     return SViTEExport(vit, selector, model.token_number).train(model.training)
