@@ -38,8 +38,7 @@ TINY = {
 @pytest.fixture(scope="module")
 def nccl():
     """A one-rank NCCL process group for the module, destroyed after it."""
-    backend = "nccl" if CUDA.type == "cuda" else "gloo"
-    dist.init_process_group(backend, store=dist.HashStore(), rank=0, world_size=1, device_id=CUDA if CUDA.type == "cuda" else None)
+    dist.init_process_group("nccl", store=dist.HashStore(), rank=0, world_size=1, device_id=CUDA)
     try:
         yield
     finally:
@@ -67,7 +66,7 @@ def exp(tmp_path_factory):
 
 def _fit(run: loop.Run) -> tuple[dict, list[dict]]:
     run.model = DistributedDataParallel(
-        run.raw, device_ids=[CUDA.index or 0] if CUDA.type == "cuda" else None,
+        run.raw, device_ids=[CUDA.index],
         find_unused_parameters=run.method.find_unused_parameters, broadcast_buffers=run.method.broadcast_buffers,
     )
     reports: list[dict] = []
