@@ -41,8 +41,8 @@ Differences from the reference:
       batch 32 takes 2.0 ms instead of 4.3 ms, about 3% of the forward over 12 blocks.
     * The per-forward state (token sizes, the remaining schedule) lives in local variables, not in
       a shared ``_tome_info`` dict that blocks pop from, so the model is re-entrant.
-    * The metric is normalised with ``F.normalize`` (eps 1e-12), so an all-zero key gives zero
-      similarity instead of NaN. The unmerged A tokens are always put back in their original order
+    * The metric is normalised as ``F.normalize`` does (norm clamped at 1e-12), so an all-zero key
+      gives zero similarity instead of NaN. The unmerged A tokens are always put back in their original order
       (the reference sorts them only when there is a class token).
     * A per-layer list (``r_per_layer``) must have one entry per block; the reference pads a short
       list with zeros.
@@ -62,7 +62,7 @@ import torch.nn.functional as F
 from torch import nn
 from timm.models.vision_transformer import Block, VisionTransformer
 
-from ._common import batch_rows, fit_backbone, merge_heads, qkv_heads, sdpa, vit_stem
+from ._common import fit_backbone, merge_heads, qkv_heads, sdpa, vit_stem
 from ._common.trace import traced
 from .base import Geometry, MethodConfig, MethodOutput, SparsityMethod, TokenStage, register_method
 
@@ -168,6 +168,8 @@ class ToMeConfig(MethodConfig):
 
 # ---------------------------------------------------------------------------------------- the pieces
 
+_NORM_EPS = 1e-12  # F.normalize's: an all-zero key has zero similarity, not NaN
+
 
 def tome_attention(
     attn: nn.Module, x: torch.Tensor, sizes: torch.Tensor | None
@@ -186,7 +188,9 @@ def tome_attention(
     q, k, v = qkv_heads(attn, x)
     bias = None
     if sizes is not None:
-        bias = sizes.log().to(q.dtype).transpose(1, 2).unsqueeze(1)  # [B, 1, 1, N], over keys
+        bias = sizes.log().transpose(1, 2).unsqueeze(1)  # [B, 1, 1, N], over keys
+        if bias.dtype != q.dtype:
+            bias = bias.to(q.dtype)
     out = merge_heads(attn, sdpa(attn, q, k, v, bias=bias))
     return out, k.mean(1)
 
@@ -198,7 +202,7 @@ def bipartite_merge(
 
     Args:
         x: tokens ``[B, N, C]``.
-        sizes: their sizes ``[B, N, 1]`` (float).
+        sizes: their sizes ``[B, N, 1]``, float32 (as ``_tome_block`` makes them).
         metric: similarity features ``[B, N, D]`` (no gradient flows through the matching).
         r: tokens to merge away; capped at ``floor((N - protected) / 2)``.
         protected: leading tokens (CLS, distillation) that are never merged nor merged into.
@@ -214,8 +218,8 @@ def bipartite_merge(
         return x, sizes
     pa, pb = (protected + 1) // 2, protected // 2  # prefix tokens on the A (even) and B (odd) side
     na = (n + 1) // 2
-    with torch.no_grad():
-        m = F.normalize(metric, dim=-1)
+    with torch.no_grad():  # written for few operators: at batch 1 ToMe's time is mostly their dispatch
+        m = metric / metric.norm(dim=-1, keepdim=True).clamp_min(_NORM_EPS)  # F.normalize, one operator less
         scores = m[:, ::2] @ m[:, 1::2].transpose(1, 2)  # [B, Na, Nb] cosine similarities
         if pa:
             scores[:, :pa] = -math.inf
@@ -226,19 +230,30 @@ def bipartite_merge(
         src = order[:, :r]  # the r best edges: these a are merged
         keep = order[:, r:].sort(dim=-1).values  # the rest stay, in their original order
         dst = best_b.gather(1, src)
-        # Rows of x (batch flattened) that make the output: the prefix in its original order, the
-        # unmerged A tokens, then B; and the output row each merged token joins (B's j-th is row na - r + j).
-        pos = torch.arange(n, device=x.device)
-        take = torch.cat([pos[:protected].expand(b, -1), 2 * keep[:, pa:], pos[2 * pb + 1 :: 2].expand(b, -1)], dim=1)
-        take, src, into = batch_rows(take, n), batch_rows(2 * src, n), batch_rows(dst + na - r, n - r)
+        # Rows of x that make the output: the prefix in its original order, the unmerged A tokens,
+        # then B; and the output row each merged token joins (B's j-th is row na - r + j).
+        odd = torch.arange(2 * pb + 1, n, 2, device=x.device).expand(b, -1)
+        if pb:
+            prefix = torch.arange(protected, device=x.device).expand(b, -1)
+            take = torch.cat([prefix, 2 * keep[:, pa:], odd], dim=1)
+        else:  # the prefix is A's first pa tokens, which never merge: keep starts with them
+            take = torch.cat([2 * keep, odd], dim=1)
+        src, into = 2 * src, dst + (na - r)
+        if b > 1:  # per-sample positions -> rows of the batch flattened
+            offsets = torch.arange(0, b * n, n, device=x.device).unsqueeze(1)
+            take, src = take + offsets, src + offsets
+            into = into + torch.arange(0, b * (n - r), n - r, device=x.device).unsqueeze(1)
+        take, src, into = take.flatten(), src.flatten(), into.flatten()
     # The size-weighted mean of b and the a merged into it, written as b + sum_a s_a (a - b) / (s_b + sum s_a):
     # one copy of the rows that stay (unmerged tokens are carried exactly) and arithmetic on r rows.
     rows = x.reshape(b * n, c)
-    s = sizes.reshape(b * n).float()
+    s = sizes.reshape(b * n)
     s_src = s.index_select(0, src)
     total = s.index_select(0, take).index_add_(0, into, s_src)
     out = rows.index_select(0, take)
-    weight = (s_src / total.index_select(0, into)).to(x.dtype).unsqueeze(-1)
+    weight = (s_src / total.index_select(0, into)).unsqueeze(-1)
+    if weight.dtype != x.dtype:
+        weight = weight.to(x.dtype)
     out.index_add_(0, into, (rows.index_select(0, src) - out.index_select(0, into)) * weight)
     return out.view(b, n - r, c), total.view(b, n - r, 1)
 
