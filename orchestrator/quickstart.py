@@ -36,7 +36,8 @@ def digits_tiny_vit(data_path: str) -> ExperimentConfig:
         ),
         # Digits are not mirror-symmetric and already centred: mild crops, no flips, no colour jitter.
         data=DataConfig(path=data_path, hflip=0.0, scale=(0.8, 1.0), ratio=(0.9, 1.1), color_jitter=None, crop_pct=1.0, loader_workers=0),
-        pretrain=TrainConfig(epochs=30, batch_size=64, lr=2e-3, warmup_epochs=1, amp=False),
+        # 27 epochs (95.6% val top-1 on 2 cores; 30, the earlier setting, 96.9-97.5% in 10% more time)
+        pretrain=TrainConfig(epochs=27, batch_size=64, lr=2e-3, warmup_epochs=1, amp=False),
         train=TrainConfig(epochs=2, batch_size=64, lr=5e-4, warmup_epochs=0.5, amp=False),
         # One 2-thread worker: on 2 cores this beats two 1-thread gloo ranks (the model is tiny, so
         # per-step all-reduce costs more than it saves). Multi-worker DDP is one field away.
