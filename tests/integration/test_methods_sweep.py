@@ -1,12 +1,18 @@
-"""One real sweep over every token method side by side (a conditional search space), on the digits.
+"""One real sweep over every method side by side (a conditional search space), on the digits.
 
 DynamicViT, Evo-ViT and SPViT train one epoch each from the dense backbone the sweep trains first;
-ToMe trials train nothing (evaluate and measure in their Tune actor). The dense backbone is measured
-beside them as the sweep's reference run. Objectives are accuracy and GFLOPs (deterministic, unlike
-timings), so the front can be checked against a brute-force computation over the recorded metrics.
+ToMe trials train nothing (evaluate and measure in their Tune actor). DVT starts from the same dense
+backbone, calibrates its exit thresholds on held-out training images after training, and measures
+the real early-exit pipeline (exit shares, per-exit latency, the accuracy-against-budget table).
+SViTE trains from scratch with dynamic sparse training on two DDP ranks (gloo), S2ViTE with
+structured sparsity, whose exported network is measured. The dense backbone is measured beside them
+as the sweep's reference run. Objectives are accuracy and GFLOPs (deterministic, unlike timings), so
+the front can be checked against a brute-force computation over the recorded metrics. One sweep for
+all of them: one pre-training, one reference, one Ray start-up.
 """
 from __future__ import annotations
 
+import csv
 import json
 import re
 from pathlib import Path
@@ -26,10 +32,15 @@ POINTS = [
     {"method": "evovit", "prune_ratio": 0.5},
     {"method": "spvit", "latency_target_ratio": 0.9},
     {"method": "tome", "r": 6, "inflect": 0.0},
+    {"method": "dvt", "budget": 0.5},
+    {"method": "svite", "density": 0.5},
+    {"method": "s2vite", "atten_density": 0.67, "other_density": 0.5},
 ]
+METHODS = ["dynamicvit", "evovit", "spvit", "tome", "dvt", "svite", "s2vite"]  # the sweep's arms, in order
 
 
 def _config(tmp_path: Path, digits_dir: Path) -> Path:
+    dst = {"update_frequency": 5, "t_end": 0.8}
     methods = [
         {"method": {"name": "dynamicvit", "pruning_loc": [1, 2, 3]}, "search_space": "dyn.yaml"},
         {"method": {"name": "evovit", "prune_location": 1, "stage_starts": [1, 2]}, "search_space": "evo.yaml"},
@@ -38,6 +49,11 @@ def _config(tmp_path: Path, digits_dir: Path) -> Path:
         # best schedule reached 0.93 of dense, so 0.9 was out of reach; an unmet target fails the trial).
         {"method": {"name": "spvit", "pruning_loc": [1, 2, 3], "latency_batch_size": 64}, "search_space": "sp.yaml"},
         {"method": {"name": "tome"}, "search_space": "tome"},
+        {"method": {"name": "dvt"}, "search_space": "dvt.yaml"},
+        # SViTE's masks must agree on every rank: two gloo workers
+        {"method": {"name": "svite", **dst}, "search_space": "svite.yaml",
+         "set": {"train.epochs": 2, "resources.num_workers": 2, "resources.cpus_per_worker": 1}},
+        {"method": {"name": "s2vite", **dst}, "search_space": "s2vite.yaml"},
     ]
     spaces = {
         "dyn.yaml": {"keep_ratio": {"distribution": "uniform", "low": 0.5, "high": 0.9},
@@ -45,6 +61,10 @@ def _config(tmp_path: Path, digits_dir: Path) -> Path:
                      "token_distill_weight": {"distribution": "fixed", "value": 0.5}, "train.lr": {"distribution": "fixed", "value": 5.0e-4}},
         "evo.yaml": {"prune_ratio": {"distribution": "uniform", "low": 0.3, "high": 0.7}},
         "sp.yaml": {"latency_target_ratio": {"distribution": "uniform", "low": 0.85, "high": 0.95}},
+        "dvt.yaml": {"budget": {"distribution": "uniform", "low": 0.4, "high": 0.9}},
+        "svite.yaml": {"density": {"distribution": "uniform", "low": 0.3, "high": 0.7}},
+        "s2vite.yaml": {"atten_density": {"distribution": "uniform", "low": 0.34, "high": 1.0},
+                        "other_density": {"distribution": "uniform", "low": 0.3, "high": 0.9}},
     }
     for name, space in spaces.items():
         (tmp_path / name).write_text(yaml.safe_dump(space))
@@ -90,14 +110,16 @@ def test_every_method_ran_and_was_measured(sweep):
     _, _, client, runs = sweep
     trials = _role(runs, "trial")
     assert len(trials) == len(POINTS)
-    assert {t.data.tags["method"] for t in trials} == {"dynamicvit", "evovit", "spvit", "tome"}
+    assert {t.data.tags["method"] for t in trials} == set(METHODS)
     for t in trials:
+        method = t.data.tags["method"]
         assert t.info.status == "FINISHED", t.data.tags
-        assert set(FINAL) <= set(t.data.metrics), (t.data.tags["method"], sorted(t.data.metrics))
-        assert t.data.metrics["gflops"] < t.data.metrics["dense_gflops"], t.data.tags["method"]  # tokens really removed
-        trained = t.data.tags["method"] != "tome"
+        assert set(FINAL) <= set(t.data.metrics), (method, sorted(t.data.metrics))
+        if method != "svite":  # tokens really removed, exits taken early, or a smaller exported network
+            assert t.data.metrics["gflops"] < t.data.metrics["dense_gflops"], method
+        trained = method != "tome"
         assert ("train_loss" in t.data.metrics) == trained  # ToMe trials train nothing
-        assert int(t.data.params["train.epochs"]) == (1 if trained else 0)
+        assert int(t.data.params["train.epochs"]) == {"tome": 0, "svite": 2}.get(method, 1), method
     # SPViT chose its keep schedule to meet its latency target on this machine (batch-64 tables)
     (sp,) = [t for t in trials if t.data.tags["method"] == "spvit"]
     target = float(sp.data.params["latency_target_ratio"])
@@ -121,7 +143,7 @@ def test_dense_reference_is_recorded_beside_the_trials(sweep):
     exp = client.get_experiment_by_name(EXPERIMENT)
     (pre,) = client.search_runs([exp.experiment_id], filter_string="tags.`prunetune.role` = 'pretrain'")
     assert m["val_top1"] == pytest.approx(pre.data.metrics["val_top1"], abs=1e-6)
-    assert parent.data.tags["method"] == "dynamicvit,evovit,spvit,tome"
+    assert parent.data.tags["method"] == ",".join(METHODS)
 
 
 def _brute_force_front(runs) -> set[str]:
@@ -140,7 +162,7 @@ def test_one_front_across_methods(sweep, mlflow_server, run_cli):
     assert tagged == _brute_force_front(candidates)
     # one front over every method's trials and the dense reference (which of them end up on it
     # depends on SPViT's latency tables, so on the machine's load: not asserted)
-    assert {r.data.tags["method"] for r in candidates} == {"dynamicvit", "evovit", "spvit", "tome", "dense"}
+    assert {r.data.tags["method"] for r in candidates} == {*METHODS, "dense"}
     methods = {r.data.tags["method"] for r in candidates if r.info.run_id in tagged}
     out = run_cli("pareto", "--experiment", EXPERIMENT, "--tracking-uri", mlflow_server, "--json", cwd=tmp_path, timeout=120)
     assert out.returncode == 0, out.stderr
@@ -204,3 +226,44 @@ def test_report_command_writes_the_page_and_the_png(sweep, mlflow_server, run_cl
     assert out.returncode == 0, out.stderr[-3000:]
     assert (tmp_path / "front.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     _check_rendered(render_report(tmp_path / "r.html"), runs, images=1)
+
+
+# --- DVT, SViTE, S2ViTE: what each records beyond the common metrics ---------------------------------
+
+
+def _trial(runs, method: str):
+    (t,) = [t for t in _role(runs, "trial") if t.data.tags["method"] == method]
+    return t
+
+
+def test_dvt_calibrated_its_exits_and_measured_the_early_exit_pipeline(sweep, tmp_path):
+    _, _, client, runs = sweep
+    dvt = _trial(runs, "dvt")
+    m = dvt.data.metrics
+    shares = [m[f"exit_share_{k}"] for k in (1, 2, 3)]
+    assert sum(shares) == pytest.approx(1.0, abs=1e-6)
+    # expected cost over the val set from the observed exit distribution and each exit's cumulative cost
+    assert m["gflops"] == pytest.approx(sum(s * m[f"gflops_exit{k}"] for k, s in zip((1, 2, 3), shares)), rel=1e-6)
+    assert m["latency_ms"] == pytest.approx(sum(s * m[f"latency_exit{k}_ms"] for k, s in zip((1, 2, 3), shares)), rel=1e-6)
+    assert m["latency_exit1_ms"] < m["latency_exit3_ms"]
+    # calibrated for half the dense model's GFLOPs on held-out training images
+    assert m["calib_budget_met"] == 1.0 and m["calib_expected_gflops"] <= 0.5 * m["dense_gflops"] * (1 + 1e-6)
+    names = {a.path for a in client.list_artifacts(dvt.info.run_id)}
+    assert {"accuracy_vs_budget.csv", "accuracy_vs_budget.png"} <= names
+    rows = list(csv.DictReader(open(client.download_artifacts(dvt.info.run_id, "accuracy_vs_budget.csv", str(tmp_path)))))
+    assert len(rows) > 5 and {"gflops", "top1"} <= set(rows[0])
+
+
+def test_svite_reports_its_density_and_no_speed_up_that_did_not_happen(sweep):
+    svite = _trial(sweep[3], "svite")
+    m = svite.data.metrics
+    assert m["density"] == pytest.approx(0.5, abs=0.01)
+    assert m["gflops"] == pytest.approx(m["dense_gflops"], rel=1e-9)  # dense kernels run every weight
+    assert m["gflops_theoretical"] < 0.75 * m["dense_gflops"]
+    assert svite.data.params["resources.num_workers"] == "2"
+
+
+def test_s2vite_measures_its_smaller_exported_network(sweep):
+    m = _trial(sweep[3], "s2vite").data.metrics
+    assert m["gflops"] < m["dense_gflops"]
+    assert m["params_m_inference"] < m["params_m"]
