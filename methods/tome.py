@@ -58,11 +58,10 @@ import numbers
 from dataclasses import dataclass
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 from timm.models.vision_transformer import Block, VisionTransformer
 
-from ._common import fit_backbone, merge_heads, qkv_heads, sdpa, vit_stem
+from ._common import batch_rows, fit_backbone, merge_heads, qkv_heads, sdpa, vit_stem
 from ._common.trace import traced
 from .base import Geometry, MethodConfig, MethodOutput, SparsityMethod, TokenStage, register_method
 
@@ -238,12 +237,7 @@ def bipartite_merge(
             take = torch.cat([prefix, 2 * keep[:, pa:], odd], dim=1)
         else:  # the prefix is A's first pa tokens, which never merge: keep starts with them
             take = torch.cat([2 * keep, odd], dim=1)
-        src, into = 2 * src, dst + (na - r)
-        if b > 1:  # per-sample positions -> rows of the batch flattened
-            offsets = torch.arange(0, b * n, n, device=x.device).unsqueeze(1)
-            take, src = take + offsets, src + offsets
-            into = into + torch.arange(0, b * (n - r), n - r, device=x.device).unsqueeze(1)
-        take, src, into = take.flatten(), src.flatten(), into.flatten()
+        take, src, into = batch_rows(take, n), batch_rows(2 * src, n), batch_rows(dst + (na - r), n - r)
     # The size-weighted mean of b and the a merged into it, written as b + sum_a s_a (a - b) / (s_b + sum s_a):
     # one copy of the rows that stay (unmerged tokens are carried exactly) and arithmetic on r rows.
     rows = x.reshape(b * n, c)

@@ -15,13 +15,20 @@ def gather_tokens(x: torch.Tensor, index: torch.Tensor, start: int = 0) -> torch
     element by element. ``start`` selects from ``x[:, start:]`` without copying that slice first.
     """
     b, n, c = x.shape
-    return x.reshape(b * n, c).index_select(0, batch_rows(index + start, n)).view(b, index.shape[1], c)
+    rows = batch_rows(index + start if start else index, n)
+    return x.reshape(b * n, c).index_select(0, rows).view(b, index.shape[1], c)
 
 
 def batch_rows(index: torch.Tensor, n: int) -> torch.Tensor:
     """Per-sample token indices ``[B, K]`` into sequences of ``n`` -> row numbers ``[B * K]`` of the
-    batch's tokens flattened to ``[B * n, ...]`` (for ``index_select``/``index_add`` over them)."""
-    return (index + torch.arange(index.shape[0], device=index.device).unsqueeze(1) * n).flatten()
+    batch's tokens flattened to ``[B * n, ...]`` (for ``index_select``/``index_add`` over them).
+
+    Few operators, since token methods call it in every pruning stage and at batch 1 their time is
+    mostly operator dispatch: no offsets at batch 1, one strided ``arange`` otherwise."""
+    b = index.shape[0]
+    if b == 1:
+        return index.flatten()
+    return (index + torch.arange(0, b * n, n, device=index.device).unsqueeze(1)).flatten()
 
 
 def prefixed(index: torch.Tensor, num_prefix: int) -> torch.Tensor:

@@ -255,7 +255,8 @@ def test_dvt_calibrated_its_exits_and_measured_the_early_exit_pipeline(sweep, tm
 
 
 def test_svite_reports_its_density_and_no_speed_up_that_did_not_happen(sweep):
-    svite = _trial(sweep[3], "svite")
+    _, _, _, runs = sweep
+    svite = _trial(runs, "svite")
     m = svite.data.metrics
     assert m["density"] == pytest.approx(0.5, abs=0.01)
     assert m["gflops"] == pytest.approx(m["dense_gflops"], rel=1e-9)  # dense kernels run every weight
@@ -264,6 +265,7 @@ def test_svite_reports_its_density_and_no_speed_up_that_did_not_happen(sweep):
 
 
 def test_s2vite_measures_its_smaller_exported_network(sweep):
-    m = _trial(sweep[3], "s2vite").data.metrics
+    _, _, _, runs = sweep
+    m = _trial(runs, "s2vite").data.metrics
     assert m["gflops"] < m["dense_gflops"]
     assert m["params_m_inference"] < m["params_m"]
