@@ -1,4 +1,5 @@
-"""Real services on loopback for the integration tests: an MLflow tracking server, digits on disk."""
+"""Real services on loopback for the integration tests: one Ray and one MLflow tracking server shared
+by the sweeps of this package, digits on disk."""
 from __future__ import annotations
 
 import os
@@ -12,6 +13,8 @@ import pytest
 import requests
 
 from orchestrator.data import write_digits
+from orchestrator.sweep import MIN_WORKERS_SOFT_LIMIT
+from services import RayCluster
 
 
 def _mlflow_bin() -> str:
@@ -68,20 +71,41 @@ def clean_env(**extra: str) -> dict[str, str]:
     return {**{k: v for k, v in os.environ.items() if k not in _FOREIGN}, **extra}
 
 
-def _run_cli(*args: str, cwd: Path, timeout: float = 900, env: dict | None = None) -> subprocess.CompletedProcess:
-    """``prunetune ARGS`` in a subprocess (its own local Ray, never one from ``RAY_ADDRESS``), output captured."""
-    return subprocess.run(
-        [sys.executable, "-m", "orchestrator.cli", *args], cwd=cwd, capture_output=True, text=True, timeout=timeout,
-        env=clean_env(**(env or {})),
+@pytest.fixture(scope="package")
+def shared_ray(tmp_path_factory):
+    """One single-node Ray (2 CPUs, dashboard on, token auth as Ray 2.60 has it by default) for the sweeps of this package: a sweep that starts
+    its own local Ray spends 8-10 s starting and stopping it on 2 cores. Its nodes' settings are the
+    ones a sweep gives a Ray it starts (``orchestrator.sweep``), and Ray's memory monitor is off (on a
+    shared test machine it counts other people's processes; the kernel's OOM killer remains)."""
+    cluster = RayCluster(
+        clean_env(RAY_num_workers_soft_limit=str(MIN_WORKERS_SOFT_LIMIT)), tmp_path_factory.mktemp("shared-ray"),
+        nodes=1,
     )
+    try:
+        cluster.start()
+        yield cluster
+    finally:
+        cluster.stop()
 
 
-@pytest.fixture(scope="session")
-def run_cli():
-    return _run_cli
+@pytest.fixture(scope="package")
+def run_cli(shared_ray):
+    """``run_cli(*args, cwd=..., timeout=900, env=None, local_ray=False)``: ``prunetune ARGS`` in a
+    subprocess, output captured, on the package's shared Ray; with ``local_ray``, on a Ray of its own
+    that it starts (what a sweep without a cluster does; needed where the sweep's workers must see
+    ``env``, which reaches only the processes under the CLI)."""
+
+    def run(*args: str, cwd: Path, timeout: float = 900, env: dict | None = None, local_ray: bool = False):
+        ray = {} if local_ray else shared_ray.client_env
+        return subprocess.run(
+            [sys.executable, "-m", "orchestrator.cli", *args], cwd=cwd, capture_output=True, text=True, timeout=timeout,
+            env=clean_env(**ray, **(env or {})),
+        )
+
+    return run
 
 
 @pytest.fixture
 def cli_env() -> dict[str, str]:
-    """The environment for a ``prunetune`` process a test starts itself (``clean_env``)."""
+    """The environment for a ``prunetune`` process a test starts itself (``clean_env``): a Ray of its own."""
     return clean_env()

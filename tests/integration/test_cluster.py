@@ -16,8 +16,6 @@ import os
 import re
 import secrets
 import shutil
-import signal
-import socket
 import sqlite3
 import subprocess
 import sys
@@ -28,7 +26,7 @@ from pathlib import Path
 
 import boto3
 import pytest
-from proctree import descendants
+from services import RayCluster, end_tree as _end, free_port as _free_port, wait_http as _wait_http
 import requests
 import torch
 import yaml
@@ -53,50 +51,6 @@ _FOREIGN = ("RAY_ADDRESS", "MLFLOW_TRACKING_URI", "MLFLOW_RUN_ID", "PRUNETUNE_CA
 
 def clean_env(**extra: str) -> dict[str, str]:
     return {**{k: v for k, v in os.environ.items() if k not in _FOREIGN}, **extra}
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def _end(proc: subprocess.Popen, grace: float = 20.0) -> None:
-    """SIGTERM ``proc`` and all its descendants (it started them), then SIGKILL what is left."""
-    pids = descendants(proc.pid) | {proc.pid}
-    for pid in pids:
-        try:
-            os.kill(pid, signal.SIGTERM)
-        except ProcessLookupError:
-            pass
-    try:
-        proc.wait(timeout=grace)
-    except subprocess.TimeoutExpired:
-        pass
-    time.sleep(1)
-    for pid in pids | descendants(proc.pid):
-        try:
-            os.kill(pid, signal.SIGKILL)
-        except ProcessLookupError:
-            pass
-    try:
-        proc.wait(timeout=10)
-    except subprocess.TimeoutExpired:
-        pass
-
-
-def _wait_http(url: str, proc: subprocess.Popen, log: Path, timeout: float = 180, headers: dict | None = None) -> None:
-    deadline = time.time() + timeout
-    while time.time() < deadline:
-        if proc.poll() is not None:
-            raise RuntimeError(f"{proc.args[:3]} exited {proc.returncode}: {log.read_text()[-3000:]}")
-        try:
-            if requests.get(url, timeout=3, headers=headers).status_code == 200:
-                return
-        except requests.RequestException:
-            pass
-        time.sleep(1)
-    raise RuntimeError(f"{url} did not answer in {timeout} s: {log.read_text()[-3000:]}")
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -177,78 +131,6 @@ def mlflow_pg(postgres, s3, tmp_path_factory):
 
 # ---------------------------------------------------------------------------------------------------
 # The Ray cluster
-
-
-class RayCluster:
-    """Two Ray nodes on loopback (``ray start --head`` and ``ray start --address``, ``--block`` so the
-    processes stay under the ones this test started), token auth on, 2 CPUs each."""
-
-    def __init__(self, env: dict[str, str], root: Path) -> None:
-        self.token = secrets.token_hex(16)
-        self.env = {**env, "RAY_AUTH_MODE": "token", "RAY_AUTH_TOKEN": self.token}
-        self.root = root
-        self.gcs_port, self.dashboard_port = _free_port(), _free_port()
-        self.address = f"127.0.0.1:{self.gcs_port}"
-        # Other Ray instances may run on this machine: Ray's own actors that look the cluster up
-        # (Train's placement-group cleaner) must find this one.
-        self.env["RAY_ADDRESS"] = self.address
-        # Ray's memory monitor kills workers when the *machine* is near full, whoever fills it: on a
-        # shared test machine that is other people's processes. The kernel's OOM killer remains.
-        self.env["RAY_memory_monitor_refresh_ms"] = "0"
-        self.dashboard = f"http://127.0.0.1:{self.dashboard_port}"
-        self.procs: list[subprocess.Popen] = []
-
-    def _ports(self) -> list[str]:
-        return [
-            "--node-manager-port", str(_free_port()), "--object-manager-port", str(_free_port()),
-            "--dashboard-agent-listen-port", str(_free_port()), "--dashboard-agent-grpc-port", str(_free_port()),
-            "--metrics-export-port", str(_free_port()), "--runtime-env-agent-port", str(_free_port()),
-        ]
-
-    def _start(self, name: str, args: list[str]) -> None:
-        temp = Path(tempfile.mkdtemp(prefix=f"ray{name}-", dir="/tmp"))  # short: Ray's socket paths must stay < 108 bytes
-        log = open(self.root / f"{name}.log", "w")
-        self.procs.append(subprocess.Popen(
-            [str(BIN / "ray"), "start", "--block", "--node-ip-address", "127.0.0.1", "--num-cpus", "2", "--temp-dir", str(temp),
-             "--disable-usage-stats", *self._ports(), *args],
-            stdout=log, stderr=subprocess.STDOUT, env=self.env, start_new_session=True,
-        ))
-        self.temps = [*getattr(self, "temps", []), temp]
-
-    def start(self) -> None:
-        self._start("head", ["--head", "--port", str(self.gcs_port), "--dashboard-host", "127.0.0.1",
-                             "--dashboard-port", str(self.dashboard_port), "--ray-client-server-port", str(_free_port()),
-                             "--include-dashboard", "true"])
-        _wait_http(f"{self.dashboard}/api/version", self.procs[0], self.root / "head.log", headers=self.auth)
-        self._start("worker", ["--address", self.address])
-        deadline = time.time() + 180
-        while self.alive_nodes() < 2:
-            for p, name in zip(self.procs, ("head", "worker")):
-                assert p.poll() is None, (self.root / f"{name}.log").read_text()[-3000:]
-            assert time.time() < deadline, "the second Ray node did not join in 180 s"
-            time.sleep(2)
-
-    @property
-    def auth(self) -> dict[str, str]:
-        return {"Authorization": f"Bearer {self.token}"}
-
-    def alive_nodes(self) -> int:
-        try:
-            r = requests.get(f"{self.dashboard}/nodes?view=summary", headers=self.auth, timeout=5)
-            return sum(n["raylet"]["state"] == "ALIVE" for n in r.json()["data"]["summary"])
-        except (requests.RequestException, KeyError, ValueError):
-            return 0
-
-    def stop(self) -> None:
-        for p in reversed(self.procs):
-            _end(p, grace=30)
-        for t in getattr(self, "temps", []):
-            shutil.rmtree(t, ignore_errors=True)
-
-    def ray(self, *args: str, env: dict | None = None, cwd: Path | None = None, timeout: float = 120) -> subprocess.CompletedProcess:
-        """The ``ray`` CLI against this cluster's dashboard (``ray job ...``), with the cluster's token."""
-        return subprocess.run([str(BIN / "ray"), *args], env={**self.env, **(env or {})}, cwd=cwd,
-                              capture_output=True, text=True, timeout=timeout)
 
 
 @pytest.fixture(scope="module")

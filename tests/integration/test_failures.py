@@ -152,7 +152,7 @@ def test_sigkilled_driver_resumes_without_rerunning_or_duplicating(tmp_path, dig
         assert parent.info.status == "RUNNING"
         first_history = client.get_metric_history(first.info.run_id, "val_top1")
 
-        resumed = run_cli("sweep", str(config), "--resume", "killed", cwd=tmp_path, timeout=900, env=RAY_ENV)
+        resumed = run_cli("sweep", str(config), "--resume", "killed", cwd=tmp_path, timeout=900, env=RAY_ENV, local_ray=True)
         assert resumed.returncode == 0, resumed.stderr[-5000:]
         trials = _runs(client, "trial")
         assert [t.info.run_id for t in trials] == [first.info.run_id, second.info.run_id]  # no second run for a trial
@@ -206,7 +206,7 @@ def _stop_server(server: subprocess.Popen) -> None:
             os.kill(pid, signal.SIGKILL)
 
 
-def test_mlflow_outage_mid_sweep_leaves_no_hole(tmp_path, digits_dir, port_factory, cli_env):
+def test_mlflow_outage_mid_sweep_leaves_no_hole(tmp_path, digits_dir, port_factory, cli_env, shared_ray):
     root = tmp_path / "server"
     root.mkdir()
     port = port_factory()
@@ -219,7 +219,7 @@ def test_mlflow_outage_mid_sweep_leaves_no_hole(tmp_path, digits_dir, port_facto
         while not _healthy(uri):
             assert server.poll() is None and time.time() < deadline, (root / "server.log").read_text()[-2000:]
             time.sleep(0.5)
-        proc = _start_cli(tmp_path, {**cli_env, **RAY_ENV}, "sweep", str(config), "--name", "outage")
+        proc = _start_cli(tmp_path, {**cli_env, **shared_ray.client_env}, "sweep", str(config), "--name", "outage")
         client = MlflowClient(uri)
 
         def epoch_logged() -> bool:
@@ -270,7 +270,8 @@ def test_nan_in_a_ray_worker_is_recorded_and_an_unrecoverable_one_fails_the_tria
     config = _config(tmp_path, digits_dir, f"sqlite:///{db}", epochs=3, train={"nan_guard": guard}, max_failures=0, num_samples=1)
     # Epoch 0's skip does not advance the step count: epoch 2 starts at step 3 * steps - 1.
     inject = {"rank": 0, "steps": [2], "from_step": 2 * steps - 1 + 3}
-    proc = run_cli("sweep", str(config), "--name", "nan", cwd=tmp_path, env={TEST_INJECT_NAN_ENV: json.dumps(inject), **RAY_ENV}, timeout=900)
+    proc = run_cli("sweep", str(config), "--name", "nan", cwd=tmp_path, env={TEST_INJECT_NAN_ENV: json.dumps(inject), **RAY_ENV}, timeout=900,
+                   local_ray=True)  # the workers must see the injection's variable
     assert proc.returncode == 1, proc.stderr[-5000:]  # every trial failed
     assert "1 trials, 1 failed" in proc.stdout
     client = MlflowClient(f"sqlite:///{db}")

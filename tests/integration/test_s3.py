@@ -56,7 +56,7 @@ def test_pretrained_weights_and_checkpoints_on_s3(tmp_path, digits_dir, s3_env, 
     env, client = s3_env
     env = {**env, "PRUNETUNE_CACHE": str(tmp_path / "s3-cache")}  # this test's own: the download really happens
     config = _config(tmp_path, digits_dir, f"s3://{BUCKET}/weights/dense.pt")
-    proc = run_cli("sweep", str(config), "--name", "s3sweep", cwd=tmp_path, env=env)
+    proc = run_cli("sweep", str(config), "--name", "s3sweep", cwd=tmp_path, env=env, local_ray=True)  # its workers need env
     assert proc.returncode == 0, proc.stderr[-5000:]
     keys = [o["Key"] for o in client.list_objects_v2(Bucket=BUCKET, Prefix="runs/s3sweep/").get("Contents", [])]
     assert any(k.endswith("checkpoint_epoch_0000/state.pt") and "/trial_" in k for k in keys), keys
@@ -73,7 +73,7 @@ def test_corrupt_checkpoint_on_s3_is_refused_before_anything_runs(tmp_path, digi
     env, _ = s3_env
     env = {**env, "PRUNETUNE_CACHE": str(tmp_path / "s3-cache")}
     config = _config(tmp_path, digits_dir, f"s3://{BUCKET}/weights/corrupt.pt")
-    proc = run_cli("sweep", str(config), cwd=tmp_path, env=env, timeout=300)
+    proc = run_cli("sweep", str(config), cwd=tmp_path, env=env, timeout=300, local_ray=True)
     assert proc.returncode == 2
     lines = proc.stderr.strip().splitlines()
     assert lines[-1].startswith("prunetune: error:") and "corrupt.pt" in lines[-1], proc.stderr[-2000:]

@@ -145,7 +145,7 @@ def test_pareto_cli_reads_the_front_back(sweep, mlflow_server, run_cli):
     assert text.returncode == 0 and "Pareto front" in text.stdout
 
 
-def test_sweep_output_shows_progress_and_front(sweep):
+def test_sweep_output_shows_progress_and_front(sweep, shared_ray):
     tmp_path, proc, _ = sweep
     assert "Pareto front" in proc.stdout
     assert "measured: val_top1" in proc.stderr  # per-trial progress lines
@@ -159,5 +159,6 @@ def test_sweep_output_shows_progress_and_front(sweep):
     assert "took" in console and "start-up" in console  # the sweep's wall-clock breakdown, in one line
     # ...but are still in Ray's own log files (the workers write those themselves).
     ours = f"Checkpoint successfully created at: Checkpoint(filesystem=local, path={tmp_path.resolve()}"
-    logs = [f for f in Path("/tmp/ray").glob("session_*/logs/**/*") if f.suffix in (".err", ".out", ".log") and f.is_file()]
+    logs = [f for root in shared_ray.temps for f in root.glob("session_*/logs/**/*")  # the Ray the sweep ran on
+            if f.suffix in (".err", ".out", ".log") and f.is_file()]
     assert any(ours in f.read_text(errors="replace") for f in logs), "this sweep's checkpoint lines were expected in Ray's worker logs"
