@@ -152,7 +152,7 @@ def test_sigkilled_driver_resumes_without_rerunning_or_duplicating(tmp_path, dig
         assert parent.info.status == "RUNNING"
         first_history = client.get_metric_history(first.info.run_id, "val_top1")
 
-        resumed = run_cli("sweep", str(config), "--resume", "killed", cwd=tmp_path, timeout=900, env=RAY_ENV, local_ray=True)
+        resumed = run_cli("sweep", str(config), "--resume", "killed", cwd=tmp_path, timeout=900)  # on the shared Ray
         assert resumed.returncode == 0, resumed.stderr[-5000:]
         trials = _runs(client, "trial")
         assert [t.info.run_id for t in trials] == [first.info.run_id, second.info.run_id]  # no second run for a trial

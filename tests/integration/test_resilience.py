@@ -185,7 +185,9 @@ def test_asha_stops_trials_early_and_keeps_them_off_the_front(tmp_path, digits_d
     # One objective: plain ASHA on accuracy (two objectives would run MO-ASHA, see test_schedulers.py).
     config = _dense_config(tmp_path, digits_dir, num_samples=4, seed=0, points_to_evaluate=points,
                            asha={"grace_period": 1, "reduction_factor": 2}, objectives=[{"metric": "val_top1", "mode": "max"}])
-    proc = run_cli("sweep", str(config), cwd=tmp_path)
+    # On a Ray of its own while the package's shared Ray runs: two Rays on one machine, where Ray's
+    # state API has to be told which one is the sweep's, or the stopped trials' placement groups stay.
+    proc = run_cli("sweep", str(config), cwd=tmp_path, local_ray=True)
     assert proc.returncode == 0, proc.stderr[-5000:]
     client, trials = _trials(tmp_path)
     assert len(trials) == 4

@@ -181,3 +181,24 @@ def test_workers_that_never_start_are_retried_a_bounded_number_of_times(tmp_path
     assert default.run_config.failure_config.controller_failure_limit == 10
     with pytest.raises(ValueError, match="worker_start_retries must be >= 0, got -1"):
         ResourcesConfig(worker_start_retries=-1)
+
+
+def test_a_local_ray_names_its_dashboard_for_the_state_api(monkeypatch):
+    """The Ray a sweep starts gets Ray's usual dashboard port when it is free, another free one when
+    something holds it, and ``RAY_API_SERVER_ADDRESS`` (inherited by that Ray's processes) names it,
+    replacing what an earlier local Ray of the same process left there."""
+    from orchestrator import sweep
+
+    monkeypatch.setenv(sweep.API_SERVER_ENV, "http://127.0.0.1:1")  # restored after the test
+    with socket.socket() as held:
+        try:
+            held.bind(("127.0.0.1", sweep.DASHBOARD_PORT))
+        except OSError:
+            pytest.skip(f"port {sweep.DASHBOARD_PORT} is in use on this machine: the free case cannot be checked")
+        held.listen()
+        busy = sweep._named_dashboard()
+        assert busy["dashboard_port"] not in (0, sweep.DASHBOARD_PORT)
+        assert os.environ[sweep.API_SERVER_ENV] == f"http://127.0.0.1:{busy['dashboard_port']}"
+    free = sweep._named_dashboard()
+    assert free == {"dashboard_port": sweep.DASHBOARD_PORT, "dashboard_host": "127.0.0.1"}
+    assert os.environ[sweep.API_SERVER_ENV] == "http://127.0.0.1:8265"
