@@ -73,10 +73,11 @@ def clean_env(**extra: str) -> dict[str, str]:
 
 @pytest.fixture(scope="package")
 def shared_ray(tmp_path_factory):
-    """One single-node Ray (2 CPUs, dashboard on, token auth as Ray 2.60 has it by default) for the sweeps of this package: a sweep that starts
-    its own local Ray spends 8-10 s starting and stopping it on 2 cores. Its nodes' settings are the
-    ones a sweep gives a Ray it starts (``orchestrator.sweep``), and Ray's memory monitor is off (on a
-    shared test machine it counts other people's processes; the kernel's OOM killer remains)."""
+    """One single-node Ray (2 CPUs, dashboard on, token auth as Ray 2.60 has it by default) for the
+    sweeps of this package: a sweep that starts a local Ray of its own spends 8-10 s starting and
+    stopping it on 2 cores. Its node gets the settings a sweep gives a Ray it starts
+    (``orchestrator.sweep``), and Ray's memory monitor is off (on a shared test machine it counts
+    other people's processes; the kernel's OOM killer remains). Idle, it takes about 3.6% of 2 cores."""
     cluster = RayCluster(
         clean_env(RAY_num_workers_soft_limit=str(MIN_WORKERS_SOFT_LIMIT)), tmp_path_factory.mktemp("shared-ray"),
         nodes=1,
