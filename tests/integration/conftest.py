@@ -100,7 +100,7 @@ def run_cli(shared_ray):
         ray = {} if local_ray else shared_ray.client_env
         return subprocess.run(
             [sys.executable, "-m", "orchestrator.cli", *args], cwd=cwd, capture_output=True, text=True, timeout=timeout,
-            env=clean_env(**ray, **(env or {})),
+            env=clean_env(**{**ray, **(env or {})}),  # a test's env wins
         )
 
     return run
