@@ -10,7 +10,6 @@ import contextlib
 import json
 import logging
 import os
-import socket
 import time
 from dataclasses import dataclass, replace
 from typing import Any
@@ -48,24 +47,6 @@ RECONCILED_TAG = "prunetune.reconciled"  # a run a killed driver left RUNNING, e
 _DRIVER_ENV = {
     "TUNE_DISABLE_STRICT_METRIC_CHECKING": "1",  # per-epoch reports lack the final latency metrics
 }
-#: Settings for a Ray this process starts (where the user has not set them; a cluster keeps its own).
-#: Ray kills an idle worker process after 1 s once it runs more processes than the node has CPUs,
-#: which a Train trial always does (trial actor, controller, ranks, their helper actors): the warm
-#: process of the evaluation task (torch, timm and the methods imported) was gone by the next
-#: training-free trial, which then spent 8-10 s starting a new one (the quickstart's ToMe trials).
-#: Ray's default limit is the CPU count, so the setting never lowers it. A cluster's small CPU
-#: workers get the same setting in their pod spec (cluster/kuberay/overlays/cpu).
-MIN_WORKERS_SOFT_LIMIT = 16
-_LOCAL_RAY_ENV = {
-    "RAY_num_workers_soft_limit": str(max(MIN_WORKERS_SOFT_LIMIT, os.cpu_count() or 1)),
-}
-
-
-#: Where Ray's state API and job client find the cluster's dashboard (Ray's own variable).
-API_SERVER_ENV = "RAY_API_SERVER_ADDRESS"
-DASHBOARD_PORT = 8265  # Ray's default
-
-
 @dataclass
 class SweepOutcome:
     name: str
@@ -90,40 +71,9 @@ def init_ray(address: str | None = None) -> None:
     os.environ.update(_DRIVER_ENV)
     if ray.is_initialized():
         return
-    own = {}
-    if not (address or os.environ.get("RAY_ADDRESS")):  # a Ray of this process's own
-        for key, value in _LOCAL_RAY_ENV.items():
-            os.environ.setdefault(key, value)
-        own = _named_dashboard()
-    cluster.connect(address, logging_level=logging.WARNING, **own)  # one line for a wrong address or token
+    cluster.connect(address, logging_level=logging.WARNING)  # one line for a wrong address or token
     if not _verbose():
         quiet_worker_logs()  # Ray's per-report/per-checkpoint lines stay in its log files only
-
-
-def _named_dashboard() -> dict[str, Any]:
-    """A dashboard port for the Ray this process starts, and ``RAY_API_SERVER_ADDRESS`` naming it in
-    this process's environment, which that Ray's processes inherit.
-
-    Ray's state API finds the cluster from ``RAY_API_SERVER_ADDRESS`` or ``RAY_ADDRESS``, else by
-    looking for Ray processes on the machine; Train's placement-group cleaner asks it whether a run's
-    controller is alive, and with a second Ray on the machine (another local sweep, a test cluster)
-    the lookup failed ("Found multiple active Ray instances"): the placement groups of trials that a
-    scheduler stopped were never removed and the next trial's workers never started. The port is
-    Ray's usual 8265 when that is free.
-    """
-    port = _free_port(DASHBOARD_PORT) or _free_port(0)
-    os.environ[API_SERVER_ENV] = f"http://127.0.0.1:{port}"
-    return {"dashboard_port": port, "dashboard_host": "127.0.0.1"}
-
-
-def _free_port(port: int) -> int:
-    """``port`` (0: any) if it can be bound on loopback now, else 0."""
-    with socket.socket() as s:
-        try:
-            s.bind(("127.0.0.1", port))
-        except OSError:
-            return 0
-        return s.getsockname()[1]
 
 
 def _check_cluster(exp: ExperimentConfig, space: SweepSpace, uri: str) -> None:

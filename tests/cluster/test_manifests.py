@@ -656,7 +656,7 @@ def test_ray_workers_keep_idle_processes_up_to_the_local_soft_limit(name):
     """Ray kills idle worker processes beyond ``num_workers_soft_limit`` (default: the node's CPUs).
     A worker pod with fewer CPUs than the local sweep's minimum must raise it, or the warm evaluation
     process dies during every Train trial; a bigger pod needs nothing (its default is larger)."""
-    from orchestrator.sweep import MIN_WORKERS_SOFT_LIMIT
+    from orchestrator.cluster import MIN_WORKERS_SOFT_LIMIT
 
     checked = 0
     for label, spec in ray_cluster_specs(list(_rendered(name))):

@@ -13,7 +13,7 @@ import pytest
 import requests
 
 from orchestrator.data import write_digits
-from orchestrator.sweep import MIN_WORKERS_SOFT_LIMIT
+from orchestrator.cluster import MIN_WORKERS_SOFT_LIMIT
 from services import RayCluster
 
 

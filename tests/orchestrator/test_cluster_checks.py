@@ -187,18 +187,16 @@ def test_a_local_ray_names_its_dashboard_for_the_state_api(monkeypatch):
     """The Ray a sweep starts gets Ray's usual dashboard port when it is free, another free one when
     something holds it, and ``RAY_API_SERVER_ADDRESS`` (inherited by that Ray's processes) names it,
     replacing what an earlier local Ray of the same process left there."""
-    from orchestrator import sweep
-
-    monkeypatch.setenv(sweep.API_SERVER_ENV, "http://127.0.0.1:1")  # restored after the test
+    monkeypatch.setenv(cluster.API_SERVER_ENV, "http://127.0.0.1:1")  # restored after the test
     with socket.socket() as held:
         try:
-            held.bind(("127.0.0.1", sweep.DASHBOARD_PORT))
+            held.bind(("127.0.0.1", cluster.DASHBOARD_PORT))
         except OSError:
-            pytest.skip(f"port {sweep.DASHBOARD_PORT} is in use on this machine: the free case cannot be checked")
+            pytest.skip(f"port {cluster.DASHBOARD_PORT} is in use on this machine: the free case cannot be checked")
         held.listen()
-        busy = sweep._named_dashboard()
-        assert busy["dashboard_port"] not in (0, sweep.DASHBOARD_PORT)
-        assert os.environ[sweep.API_SERVER_ENV] == f"http://127.0.0.1:{busy['dashboard_port']}"
-    free = sweep._named_dashboard()
-    assert free == {"dashboard_port": sweep.DASHBOARD_PORT, "dashboard_host": "127.0.0.1"}
-    assert os.environ[sweep.API_SERVER_ENV] == "http://127.0.0.1:8265"
+        busy = cluster._named_dashboard()
+        assert busy["dashboard_port"] not in (0, cluster.DASHBOARD_PORT)
+        assert os.environ[cluster.API_SERVER_ENV] == f"http://127.0.0.1:{busy['dashboard_port']}"
+    free = cluster._named_dashboard()
+    assert free == {"dashboard_port": cluster.DASHBOARD_PORT, "dashboard_host": "127.0.0.1"}
+    assert os.environ[cluster.API_SERVER_ENV] == "http://127.0.0.1:8265"
