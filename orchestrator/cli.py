@@ -13,6 +13,7 @@ import sys
 from pathlib import Path
 
 from .errors import UserError
+from .yaml_file import read_yaml
 
 __all__ = ["main"]
 
@@ -28,6 +29,7 @@ def _cmd_data(args: argparse.Namespace) -> int:
 
 
 def _load(args: argparse.Namespace):
+    read_yaml(args.config, "config file")  # a missing or malformed file is named before the imports below (seconds)
     from .config import apply_overrides, load_experiment, parse_set_args
     from .search_space import load_sweep_space
 
@@ -44,10 +46,10 @@ def _load(args: argparse.Namespace):
 
 
 def _cmd_validate(args: argparse.Namespace) -> int:
+    exp, space = _load(args)
     from .data import check_image_folder
     from .tracking import check_reachable, redact, resolve_uri
 
-    exp, space = _load(args)
     counts = check_image_folder(exp.data.path)
     uri = resolve_uri(exp.tracking.uri)
     check_reachable(uri)
@@ -58,15 +60,16 @@ def _cmd_validate(args: argparse.Namespace) -> int:
 
 
 def _cmd_sweep(args: argparse.Namespace) -> int:
+    exp, space = _load(args)
     from .sweep import run_sweep
 
-    exp, space = _load(args)
     outcome = run_sweep(exp, space, name=args.resume or args.name, address=args.address, resume=bool(args.resume))
     _print_outcome(outcome)
     return _exit_code(outcome)
 
 
 def _cmd_pipeline(args: argparse.Namespace) -> int:
+    read_yaml(args.pipeline, "pipeline file")  # before the imports below, as ``_load``
     from .pipeline import run_pipeline
 
     outcome = run_pipeline(args.pipeline, resume=args.resume, tracking_uri=args.tracking_uri, address=args.address)
@@ -203,6 +206,8 @@ def _cmd_methods(args: argparse.Namespace) -> int:
 
 
 def _cmd_eval(args: argparse.Namespace) -> int:
+    if args.config:
+        read_yaml(args.config, "config file")  # before the imports below, as ``_load``
     from .config import apply_overrides, experiment_from_dict, load_experiment, parse_set_args
     from .data import DataError
     from .evaluate import evaluate_checkpoint

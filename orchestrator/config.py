@@ -31,6 +31,7 @@ import yaml
 from methods import BackboneConfig, create_backbone, Geometry, MeasureConfig, MethodConfig, UnknownMethodError, get_method
 
 from .errors import ConfigError
+from .yaml_file import read_yaml
 
 __all__ = [
     "DataConfig", "TrainConfig", "NanGuardConfig", "ResourcesConfig", "Objective", "AshaConfig", "MethodArm", "SweepConfig", "arm_experiment",
@@ -460,14 +461,7 @@ def backbone_geometry(model: BackboneConfig) -> Geometry:
 def load_experiment(path: str | Path, overrides: dict[str, Any] | None = None) -> ExperimentConfig:
     """Read the YAML file at ``path``, apply ``overrides``; relative data/storage paths resolve against the file."""
     path = Path(path)
-    if not path.is_file():
-        raise ConfigError(f"config file {str(path)!r} does not exist")
-    try:
-        data = yaml.safe_load(path.read_text())
-    except yaml.YAMLError as e:
-        mark = getattr(e, "problem_mark", None)
-        at = f" at line {mark.line + 1}" if mark else ""
-        raise ConfigError(f"config file {str(path)!r} is not valid YAML{at}") from None
+    data = read_yaml(path, "config file")
     exp = experiment_from_dict(data or {}, where=str(path))
     if overrides:
         exp = apply_overrides(exp, overrides)

@@ -36,11 +36,11 @@ from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any, Literal
 
-import yaml
 
 from . import checkpoints, storage
 from .config import ExperimentConfig, TrackingConfig, apply_overrides, build_dataclass, load_experiment, to_flat_dict
 from .errors import ConfigError, UserError
+from .yaml_file import read_yaml
 from .resume import check_identity
 from .tracking import PARENT_TAG, ROLE_TAG, param_value, redact
 
@@ -101,12 +101,7 @@ class PipelineConfig:
 def load_pipeline(path: str | Path) -> PipelineConfig:
     """Read a pipeline file; every experiment file it names must exist (each is loaded and validated)."""
     path = Path(path)
-    if not path.is_file():
-        raise ConfigError(f"pipeline file {str(path)!r} does not exist")
-    try:
-        data = yaml.safe_load(path.read_text()) or {}
-    except yaml.YAMLError:
-        raise ConfigError(f"pipeline file {str(path)!r} is not valid YAML") from None
+    data = read_yaml(path, "pipeline file") or {}
     if not isinstance(data, dict):
         raise ConfigError(f"{path}: expected a mapping at the top level")
     stages = []

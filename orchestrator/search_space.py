@@ -22,6 +22,7 @@ from ray import tune
 
 from .config import ExperimentConfig, apply_overrides, canonical_key
 from .errors import ConfigError
+from .yaml_file import read_yaml
 
 __all__ = ["Param", "SearchSpace", "load_search_space", "SHIPPED_DIR", "Arm", "SweepSpace", "load_sweep_space", "METHOD_PARAM"]
 
@@ -146,10 +147,7 @@ def shipped_names() -> list[str]:
 def load_search_space(ref: str, exp: ExperimentConfig, base: Path | None = None) -> SearchSpace:
     """Load, parse and validate the search space ``ref`` for experiment ``exp``."""
     path = resolve_search_space_path(ref, base)
-    try:
-        data = yaml.safe_load(path.read_text())
-    except yaml.YAMLError:
-        raise ConfigError(f"search space {str(path)!r} is not valid YAML") from None
+    data = read_yaml(path, "search space")
     return parse_search_space(data, exp, str(path))
 
 

@@ -199,3 +199,22 @@ def test_methods(cases):
     # DynamicViT's keep ratio: the paper's default and the range of search_spaces/dynamicvit.yaml
     assert "uniform [0.5, 0.9]" in rows[("keep_ratio", "0.7")]
     assert "dynamicvit (needs_pretrained, needs_teacher)" in case.stdout
+
+
+@pytest.mark.parametrize("args", [
+    ["validate", "{missing}"], ["sweep", "{missing}"], ["sweep", "{broken}"], ["pipeline", "{broken}"],
+    ["eval", "--config", "{missing}", "--checkpoint", "c.pt", "--data", "d"],
+])
+def test_a_missing_or_malformed_file_is_refused_before_torch_or_ray_is_imported(tmp_path, args):
+    # Answered in a fraction of a second rather than the seconds their imports take.
+    write(tmp_path / "broken.yaml", "name: x\nmethod: {name: dynamicvit\n")
+    argv = [a.format(missing=tmp_path / "nope.yaml", broken=tmp_path / "broken.yaml") for a in args]
+    script = (
+        "import sys\nfrom orchestrator.cli import main\n"
+        f"code = main({argv!r})\n"
+        "print(code, sorted(m for m in ('torch', 'timm', 'ray', 'mlflow') if m in sys.modules))\n"
+    )
+    proc = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=60)
+    assert proc.stdout.strip() == "2 []", proc.stdout + proc.stderr[-2000:]
+    expected = "does not exist" if "{missing}" in args else "is not valid YAML at line 3"
+    assert proc.stderr.startswith("prunetune: error: ") and expected in proc.stderr, proc.stderr
