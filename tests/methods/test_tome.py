@@ -272,6 +272,20 @@ def test_proportional_attention_equals_explicit_size_weighted_softmax(tiny_vit, 
     assert not torch.allclose(got, unweighted, atol=1e-3)  # the sizes matter
 
 
+def test_compiled_proportional_attention_equals_the_brute_force(tiny_vit, rng):
+    # Under torch.compile the biased attention is written out (``biased_attention``), not SDPA's.
+    attn = tiny_vit.blocks[2].attn.eval()
+    x = torch.randn(2, 13, 96, generator=rng)
+    sizes = torch.randint(1, 7, (2, 13, 1), generator=rng).float()
+    with torch.no_grad():
+        got, metric = torch.compile(tome_attention, fullgraph=True)(attn, x, sizes)
+        written_out = tome.biased_attention(attn, *tome.qkv_heads(attn, x), sizes.log().transpose(1, 2).unsqueeze(1))
+        expected, mean_keys = _brute_force_attention(attn, x, sizes)
+    torch.testing.assert_close(got, expected, atol=1e-5, rtol=1e-4)
+    torch.testing.assert_close(metric, mean_keys, atol=1e-5, rtol=1e-4)
+    torch.testing.assert_close(tome.merge_heads(attn, written_out), expected, atol=1e-5, rtol=1e-4)
+
+
 def _ls_qknorm_vit():
     """A tiny timm ViT with layer scale and q/k norms, which the reference's patch ignores."""
     torch.manual_seed(0)
