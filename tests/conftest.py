@@ -8,7 +8,6 @@ from __future__ import annotations
 import dataclasses
 import re
 import shutil
-import socket
 import subprocess
 import sys
 import time
@@ -20,6 +19,7 @@ import torch
 
 import methods  # noqa: F401  (must precede any timm import)
 from methods import BackboneConfig, create_backbone
+from ports import free_port
 
 # 32 px images in 4 px patches: 64 patches + CLS, 6 blocks, 10 classes; milliseconds per forward on CPU.
 TINY_VIT = BackboneConfig(
@@ -55,12 +55,6 @@ def rng() -> torch.Generator:
 def mlflow_tmp(tmp_path) -> str:
     """A fresh MLflow tracking URI: a sqlite file under ``tmp_path`` (MLflow 3.13+ refuses the old file store)."""
     return f"sqlite:///{tmp_path}/mlflow.db"
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 @pytest.fixture(scope="session")

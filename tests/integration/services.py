@@ -7,7 +7,6 @@ import os
 import secrets
 import shutil
 import signal
-import socket
 import subprocess
 import sys
 import tempfile
@@ -16,16 +15,11 @@ from pathlib import Path
 
 import requests
 from proctree import descendants
+from ports import free_port
 
 __all__ = ["RayCluster", "end_tree", "free_port", "wait_http"]
 
 BIN = Path(sys.executable).parent
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def end_tree(proc: subprocess.Popen, grace: float = 20.0) -> None:

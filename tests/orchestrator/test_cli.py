@@ -3,7 +3,6 @@ from __future__ import annotations
 
 import hashlib
 import os
-import socket
 import subprocess
 import sys
 from concurrent.futures import ThreadPoolExecutor
@@ -11,6 +10,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
+from ports import free_port
 
 GOOD_CONFIG = """\
 name: cli-test
@@ -29,12 +29,6 @@ BAD_SPACES = {
     "space_bounds": ("keep_ratio: {distribution: uniform, low: 0.9, high: 0.5}\n", ["bad_space.yaml", "'keep_ratio'", "low 0.9 > high 0.5"]),
     "space_parameter": ("drop_ratio: {distribution: uniform, low: 0.5, high: 0.9}\n", ["bad_space.yaml", "'drop_ratio'", "unknown parameter"]),
 }
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 @dataclass

@@ -5,7 +5,6 @@ from __future__ import annotations
 import dataclasses
 import json
 import os
-import socket
 import traceback
 from pathlib import Path
 
@@ -15,15 +14,10 @@ import torch.multiprocessing as mp
 
 from orchestrator.config import NanGuardConfig, TrainConfig
 from orchestrator.nan_guard import NAN_EVENTS_KEY, TEST_INJECT_NAN_ENV
+from ports import free_port as _free_port
 
 PER_RANK_STEPS = 5  # 160 train images, 2 ranks, batch 16
 MIN_LR = 1e-5
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def _scenario(exp, rank: int, inject: dict, out: Path) -> None:

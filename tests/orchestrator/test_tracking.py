@@ -4,7 +4,6 @@ from __future__ import annotations
 import csv
 import http.server
 import json
-import socket
 import threading
 import time
 from pathlib import Path
@@ -25,14 +24,9 @@ from orchestrator.tracking import (
     redact,
     resolve_uri,
 )
+from ports import free_port
 
 OBJECTIVES = [("val_top1", "max"), ("latency_ms", "min")]
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 # ---- URIs ---------------------------------------------------------------------------------------
