@@ -28,10 +28,13 @@ Differences from the reference:
       dense ``Attention`` uses) with ``log s`` as an additive bias, instead of ToMe's explicit
       ``softmax(q k^T * scale + log s)``: the same function, and dense and ToMe models are timed on
       the same kernel. The first block, where every size is 1, gets no bias at all (as the reference).
-      Under ``torch.compile`` the biased attention is written out as the reference does
-      (``biased_attention``), which Inductor fuses (scale, bias add, softmax between two matmuls):
-      DeiT-S at batch 1 on 2 CPU cores, compiled, measured beside the authors' code
-      (``benchmarks/tome_authors.py``), went from 0.995x their speed with SDPA to 1.02x.
+      Under ``torch.compile`` a small biased attention (up to ``WRITTEN_OUT_MAX_SCORES`` scores) is
+      written out as the reference does (``biased_attention``), which Inductor fuses (scale, bias
+      add, softmax between two matmuls); a large one stays SDPA's, whose kernel never holds the whole
+      score matrix. Measured on DeiT-S, 2 CPU cores, compiled, the two forms in one process
+      (15 rounds each): at batch 1 (0.2M scores in the first merged block) written out was 1.015x
+      SDPA's speed, at batch 32 (6.5M) 0.988x. The threshold between them (4 MiB of fp32 scores,
+      about a core's L2 cache) is not measured finer than that.
     * timm 1.0's ``q_norm``/``k_norm``, post-attention ``norm``, layer scale (``ls1``/``ls2``) and
       drop path are honoured (the reference's patched block ignores layer scale and the q/k norms),
       so a ToMe model with ``r = 0`` computes exactly timm's model.
@@ -173,6 +176,9 @@ class ToMeConfig(MethodConfig):
 # ---------------------------------------------------------------------------------------- the pieces
 
 _NORM_EPS = 1e-12  # F.normalize's: an all-zero key has zero similarity, not NaN
+#: Under torch.compile, the biased attention is written out (``biased_attention``) up to this many
+#: attention scores per call (B * heads * N * N; 4 MiB in fp32), else it stays SDPA's: see the module's notes.
+WRITTEN_OUT_MAX_SCORES = 2**20
 
 
 def tome_attention(
@@ -195,7 +201,7 @@ def tome_attention(
     bias = sizes.log().transpose(1, 2).unsqueeze(1)  # [B, 1, 1, N], over keys
     if bias.dtype != q.dtype:
         bias = bias.to(q.dtype)
-    if torch.compiler.is_compiling():
+    if torch.compiler.is_compiling() and q.shape[0] * q.shape[1] * q.shape[2] * k.shape[2] <= WRITTEN_OUT_MAX_SCORES:
         out = biased_attention(attn, q, k, v, bias)  # Inductor fuses it: see the module's notes
     else:
         out = sdpa(attn, q, k, v, bias=bias)

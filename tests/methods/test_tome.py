@@ -272,11 +272,13 @@ def test_proportional_attention_equals_explicit_size_weighted_softmax(tiny_vit, 
     assert not torch.allclose(got, unweighted, atol=1e-3)  # the sizes matter
 
 
-def test_compiled_proportional_attention_equals_the_brute_force(tiny_vit, rng):
-    # Under torch.compile the biased attention is written out (``biased_attention``), not SDPA's.
+@pytest.mark.parametrize("b, n", [(2, 13), (64, 80)])
+def test_compiled_proportional_attention_equals_the_brute_force(tiny_vit, rng, b, n):
+    # Under torch.compile a small biased attention is written out (``biased_attention``), a large one SDPA's.
+    assert (b * 3 * n * n <= tome.WRITTEN_OUT_MAX_SCORES) == (n == 13)  # one of each
     attn = tiny_vit.blocks[2].attn.eval()
-    x = torch.randn(2, 13, 96, generator=rng)
-    sizes = torch.randint(1, 7, (2, 13, 1), generator=rng).float()
+    x = torch.randn(b, n, 96, generator=rng)
+    sizes = torch.randint(1, 7, (b, n, 1), generator=rng).float()
     with torch.no_grad():
         got, metric = torch.compile(tome_attention, fullgraph=True)(attn, x, sizes)
         written_out = tome.biased_attention(attn, *tome.qkv_heads(attn, x), sizes.log().transpose(1, 2).unsqueeze(1))
