@@ -33,8 +33,8 @@ Differences from the reference:
       add, softmax between two matmuls); a large one stays SDPA's, whose kernel never holds the whole
       score matrix. Measured on DeiT-S, 2 CPU cores, compiled, the two forms in one process
       (15 rounds each): at batch 1 (0.2M scores in the first merged block) written out was 1.015x
-      SDPA's speed, at batch 32 (6.5M) 0.988x. The threshold between them (4 MiB of fp32 scores,
-      about a core's L2 cache) is not measured finer than that.
+      SDPA's speed, at batch 32 (6.5M) 0.988x. The threshold between them (2^20 scores, 4 MiB in
+      fp32) is not measured finer than that.
     * timm 1.0's ``q_norm``/``k_norm``, post-attention ``norm``, layer scale (``ls1``/``ls2``) and
       drop path are honoured (the reference's patched block ignores layer scale and the q/k norms),
       so a ToMe model with ``r = 0`` computes exactly timm's model.

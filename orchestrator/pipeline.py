@@ -36,13 +36,12 @@ from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any, Literal
 
-
 from . import checkpoints, storage
 from .config import ExperimentConfig, TrackingConfig, apply_overrides, build_dataclass, load_experiment, to_flat_dict
 from .errors import ConfigError, UserError
-from .yaml_file import read_yaml
 from .resume import check_identity
 from .tracking import PARENT_TAG, ROLE_TAG, param_value, redact
+from .yaml_file import read_yaml
 
 __all__ = ["StageConfig", "PipelineConfig", "load_pipeline", "run_pipeline", "PipelineOutcome", "stage_inputs", "PIPELINE_TAG", "STAGE_TAG"]
 
