@@ -40,8 +40,14 @@ _NODE_CHECK_TIMEOUT_S = 180.0
 #: Ray's default limit is the CPU count, so the setting never lowers it. A cluster's small CPU
 #: workers get the same setting in their pod spec (cluster/kuberay/overlays/cpu).
 MIN_WORKERS_SOFT_LIMIT = 16
+#: Ray Train starts a preemption watcher (an actor process of its own, importing Ray Train) with every
+#: run's worker group, to notice nodes being drained (spot instances); a local Ray is one node, whose
+#: loss ends everything anyway. Off there, a 2-worker trial's start-up costs 2.3 CPU-seconds less and
+#: it reaches its first step about 1 s sooner on 2 cores (8.7-9.7 s against 9.7-11.8 s, alternating
+#: runs, 2026-11-23). A cluster keeps Ray Train's default (on).
 LOCAL_RAY_ENV = {
     "RAY_num_workers_soft_limit": str(max(MIN_WORKERS_SOFT_LIMIT, os.cpu_count() or 1)),
+    "RAY_TRAIN_ENABLE_PREEMPTION_WATCHER": "0",
 }
 
 

@@ -13,7 +13,7 @@ import pytest
 import requests
 
 from orchestrator.data import write_digits
-from orchestrator.cluster import MIN_WORKERS_SOFT_LIMIT
+from orchestrator.cluster import LOCAL_RAY_ENV
 from services import RayCluster
 
 
@@ -76,10 +76,10 @@ def shared_ray(tmp_path_factory):
     """One single-node Ray (2 CPUs, dashboard on, token auth as Ray 2.60 has it by default) for the
     sweeps of this package: a sweep that starts a local Ray of its own spends 8-10 s starting and
     stopping it on 2 cores. Its node gets the settings a sweep gives a Ray it starts
-    (``orchestrator.sweep``), and Ray's memory monitor is off (on a shared test machine it counts
+    (``orchestrator.cluster.LOCAL_RAY_ENV``), and Ray's memory monitor is off (on a shared test machine it counts
     other people's processes; the kernel's OOM killer remains). Idle, it takes about 3.6% of 2 cores."""
     cluster = RayCluster(
-        clean_env(RAY_num_workers_soft_limit=str(MIN_WORKERS_SOFT_LIMIT)), tmp_path_factory.mktemp("shared-ray"),
+        clean_env(**LOCAL_RAY_ENV), tmp_path_factory.mktemp("shared-ray"),
         nodes=1,
     )
     try:

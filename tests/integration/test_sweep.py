@@ -162,3 +162,5 @@ def test_sweep_output_shows_progress_and_front(sweep, shared_ray):
     logs = [f for root in shared_ray.temps for f in root.glob("session_*/logs/**/*")  # the Ray the sweep ran on
             if f.suffix in (".err", ".out", ".log") and f.is_file()]
     assert any(ours in f.read_text(errors="replace") for f in logs), "this sweep's checkpoint lines were expected in Ray's worker logs"
+    # A Ray on one machine (LOCAL_RAY_ENV, which the shared Ray has too): Ray Train started no preemption watcher.
+    assert not [f.name for f in logs if "PreemptionWatcher" in f.read_text(errors="replace")]

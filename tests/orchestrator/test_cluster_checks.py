@@ -200,3 +200,11 @@ def test_a_local_ray_names_its_dashboard_for_the_state_api(monkeypatch):
     free = cluster._named_dashboard()
     assert free == {"dashboard_port": cluster.DASHBOARD_PORT, "dashboard_host": "127.0.0.1"}
     assert os.environ[cluster.API_SERVER_ENV] == "http://127.0.0.1:8265"
+
+
+def test_a_local_ray_turns_ray_trains_preemption_watcher_off_by_the_variable_train_reads():
+    """The name is Ray Train's own, and Train hands it from the driver to the controller that reads it."""
+    from ray.train.v2._internal.constants import ENABLE_PREEMPTION_WATCHER_ENV_VAR, ENV_VARS_TO_PROPAGATE
+
+    assert cluster.LOCAL_RAY_ENV[ENABLE_PREEMPTION_WATCHER_ENV_VAR] == "0"
+    assert ENABLE_PREEMPTION_WATCHER_ENV_VAR in ENV_VARS_TO_PROPAGATE
