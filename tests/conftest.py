@@ -159,32 +159,3 @@ def render_report(tmp_path_factory) -> Callable[..., dict]:
                 "front_rows": summary.front_rows, "dom": dom}
 
     return render
-
-
-
-# Under pytest-xdist (the README's ``-n 2``): the integration tests share one Ray and one MLflow
-# server and keep two cores ~80% busy on their own, so they run on one worker, first and in file
-# order; every other module is one unit of work (its module fixtures run once) for the other worker.
-INTEGRATION_DIR = "tests/integration/"
-
-
-def pytest_collection_modifyitems(config, items) -> None:
-    """On an xdist worker, the integration tests first (a stable sort: file order kept)."""
-    if hasattr(config, "workerinput"):
-        items.sort(key=lambda item: not item.nodeid.startswith(INTEGRATION_DIR))
-
-
-try:
-    from xdist.scheduler import LoadScopeScheduling
-except ImportError:  # pytest-xdist is not installed: plain runs only
-    pass
-else:
-    class _IntegrationTogether(LoadScopeScheduling):
-        """``loadscope`` in collection order, with all of ``tests/integration`` one scope."""
-
-        def _split_scope(self, nodeid: str) -> str:
-            return "integration" if nodeid.startswith(INTEGRATION_DIR) else nodeid.split("::", 1)[0]
-
-    def pytest_xdist_make_scheduler(config, log):
-        config.option.loadscopereorder = False  # the integration scope first, as collected
-        return _IntegrationTogether(config, log)
