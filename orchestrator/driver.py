@@ -174,10 +174,11 @@ def run_trial(config: dict[str, Any]) -> None:
             return
         trainer = make_trainer(
             exp, "trial", f"trial_{trial_id}", config["storage_path"],
-            callbacks=[TuneReportCallback(), MlflowReportCallback(tracker, run_id, outbox)], started_at=started_at,
+            callbacks=[TuneReportCallback(), MlflowReportCallback(outbox)], started_at=started_at,
         )
         try:
-            trainer.fit()
+            with outbox.delivering(on_flush=lambda s: timing.add("logging", s)):  # what the controller queues
+                trainer.fit()
         except Exception as e:
             if stopped_by_tune():
                 _logger.info("trial %s stopped by its sweep (%s); the sweep ends its run", trial_id, type(e).__name__)
@@ -323,11 +324,13 @@ def train_dense(exp: ExperimentConfig, tracker: Tracker) -> str:
     flat = {k: v for k, v in to_flat_dict(exp).items() if not k.startswith(("train.", "sweep."))}
     run_id = tracker.start_run(name, params={**flat, "method": "dense"}, tags={ROLE_TAG: "pretrain", "method": "dense", "backbone": exp.model.name})
     started_at = time.time()
+    timing = Stopwatch()
     outbox = Outbox(tracker, run_id, outbox_path(loop.cache_dir(exp), run_id))
-    trainer = make_trainer(exp, "pretrain", name, exp.storage_path, callbacks=[MlflowReportCallback(tracker, run_id, outbox)], started_at=started_at)
+    trainer = make_trainer(exp, "pretrain", name, exp.storage_path, callbacks=[MlflowReportCallback(outbox)], started_at=started_at)
     with tracker.ending(run_id):
-        result = trainer.fit()
-        _log_driver_times(tracker, run_id, exp.pretrain.epochs - 1, started_at)
+        with outbox.delivering(on_flush=lambda s: timing.add("logging", s)):  # what the controller queues
+            result = trainer.fit()
+        _log_driver_times(tracker, run_id, exp.pretrain.epochs - 1, started_at, timing)
         with result.checkpoint.as_directory() as d:
             state = worker.load_state(Path(d) / worker.STATE_FILE)
         with tempfile.TemporaryDirectory() as tmp:

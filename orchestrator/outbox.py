@@ -1,4 +1,4 @@
-"""Metrics and tags that could not reach MLflow, kept in order and sent once the server answers again.
+"""Metrics, tags and artifacts on their way to MLflow, kept in order in a local file until the server took them.
 
 Training never waits on the tracking server: ``Outbox.send`` tries MLflow only when nothing is
 pending and the server answers its health check (a refused connection fails in milliseconds, where
@@ -7,15 +7,24 @@ with its original step and timestamp, and the next ``send`` or ``flush`` replays
 order. A record is removed only after MLflow took it, so a killed process loses nothing it wrote;
 replaying a metric twice logs the same (step, timestamp, value) point again, which MLflow's history
 tolerates (``backfill_history`` and the tests count distinct steps).
+
+``Outbox.append`` only writes the file, and ``Outbox.delivering()`` flushes it from a thread: Ray
+Train's controller, a fresh process per run, appends each report (importing MLflow and opening its
+store there cost 3-4 s of a core in every run, while the ranks train), and the process that called
+``fit()``, which has MLflow loaded already, delivers them. Both hold the file's lock (``fcntl``:
+they are on one node, as Train places the controller beside its caller) while they touch it.
 """
 from __future__ import annotations
 
+import fcntl
 import json
 import logging
 import os
+import threading
 import time
+from contextlib import contextmanager
 from pathlib import Path
-from typing import Any, Callable, TypeVar
+from typing import Any, Callable, Iterator, TypeVar
 from urllib.parse import urlparse
 
 from .tracking import Tracker, redact
@@ -24,6 +33,7 @@ __all__ = ["Outbox", "outbox_path", "wait_for_tracking"]
 
 _logger = logging.getLogger(__name__)
 T = TypeVar("T")
+DELAYED_MS = 10_000  # a record older than this when sent was held back (MLflow down), not just queued
 
 
 def outbox_path(root: str | Path, run_id: str) -> Path:
@@ -68,7 +78,7 @@ class Outbox:
     def __init__(self, tracker: Tracker, run_id: str, path: str | Path) -> None:
         self.tracker = tracker
         self.run_id = run_id
-        self.path = Path(path)
+        self.path = Path(path).absolute()  # the same file for Train's controller, whatever its working directory
 
     def pending(self) -> list[dict[str, Any]]:
         if not self.path.is_file():
@@ -84,27 +94,32 @@ class Outbox:
     def send(self, metrics: dict[str, Any] | None = None, step: int = 0, tags: dict[str, Any] | None = None) -> bool:
         """Log ``metrics`` at ``step`` (timestamped now) and ``tags``, after anything pending; keep
         them for later when MLflow is unavailable. Returns whether everything reached MLflow."""
-        record = {
-            "metrics": {k: v for k, v in (metrics or {}).items() if isinstance(v, (int, float)) and not isinstance(v, bool)},
-            "step": int(step), "timestamp_ms": int(time.time() * 1000), "tags": {k: str(v) for k, v in (tags or {}).items()},
-        }
-        if self.flush() and self._deliver(record):
-            return True
-        self._append(record)
-        return False
+        record = _record(metrics, step, tags)
+        with self._locked():
+            if self._flush() and self._deliver(record):
+                return True
+            self._append(record)
+            return False
+
+    def append(
+        self, metrics: dict[str, Any] | None = None, step: int = 0, tags: dict[str, Any] | None = None,
+        tables: dict[str, list[dict[str, Any]]] | None = None, texts: dict[str, str] | None = None,
+    ) -> None:
+        """Keep a record (timestamped now) for ``flush`` to deliver: ``metrics`` at ``step``, ``tags``,
+        and artifacts: ``tables`` (``Tracker.log_tables``) and ``texts`` (file name -> text). Never
+        touches MLflow, so it never imports it."""
+        record = _record(metrics, step, tags)
+        if tables:
+            record["tables"] = tables
+        if texts:
+            record["texts"] = texts
+        with self._locked():
+            self._append(record)
 
     def flush(self) -> bool:
         """Send the pending records, oldest first; True when none is left."""
-        records = self.pending()
-        if not records:
-            return True
-        for i, record in enumerate(records):
-            if not self._deliver(record):
-                self._rewrite(records[i:])
-                return False
-        self.path.unlink(missing_ok=True)
-        _logger.info("MLflow run %s: %d delayed record(s) sent", self.run_id, len(records))
-        return True
+        with self._locked():
+            return self._flush()
 
     def flush_waiting(self, timeout: float) -> bool:
         """``flush``, retried until ``timeout`` s (at the end of a trial: the server may still be down)."""
@@ -115,6 +130,60 @@ class Outbox:
                 return False
             time.sleep(delay)
             delay = min(delay * 2, 10.0)
+        return True
+
+    @contextmanager
+    def delivering(self, interval: float = 0.5, on_flush: Callable[[float], None] | None = None) -> Iterator[None]:
+        """Flush every ``interval`` s from a thread while the block runs (what another process, Train's
+        controller, appends), and once more at its end. ``on_flush(seconds)`` is told what each flush
+        that sent something took (for the run's time breakdown)."""
+        stop = threading.Event()
+
+        def pump() -> None:
+            while not stop.wait(interval):
+                self._timed_flush(on_flush)
+
+        thread = threading.Thread(target=pump, name=f"outbox-{self.run_id[:8]}", daemon=True)
+        thread.start()
+        try:
+            yield
+        finally:
+            stop.set()
+            thread.join()
+            self._timed_flush(on_flush)
+
+    def _timed_flush(self, on_flush: Callable[[float], None] | None) -> None:
+        if not self.path.is_file():
+            return
+        start = time.perf_counter()
+        try:
+            self.flush()
+        except Exception as e:  # noqa: BLE001 - a record stays in the file; the thread must go on
+            _logger.warning("MLflow run %s: delivering its records failed (%s: %s); kept for later", self.run_id, type(e).__name__, e)
+        if on_flush is not None:
+            on_flush(time.perf_counter() - start)
+
+    @contextmanager
+    def _locked(self) -> Iterator[None]:
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        with open(self.path.with_suffix(".lock"), "a") as lock:
+            fcntl.flock(lock, fcntl.LOCK_EX)
+            try:
+                yield
+            finally:
+                fcntl.flock(lock, fcntl.LOCK_UN)
+
+    def _flush(self) -> bool:
+        records = self.pending()
+        if not records:
+            return True
+        for i, record in enumerate(records):
+            if not self._deliver(record):
+                self._rewrite(records[i:])
+                return False
+        self.path.unlink(missing_ok=True)
+        if time.time() * 1000 - records[0]["timestamp_ms"] > DELAYED_MS:  # held back by an outage, not just queued
+            _logger.info("MLflow run %s: %d delayed record(s) sent", self.run_id, len(records))
         return True
 
     def _deliver(self, record: dict[str, Any]) -> bool:
@@ -128,10 +197,16 @@ class Outbox:
         except Exception as e:  # noqa: BLE001 - kept for later, whatever the tracking store's error
             _logger.warning("MLflow logging failed for run %s (%s: %s); kept for later", self.run_id, type(e).__name__, e)
             return False
+        try:
+            if record.get("tables"):
+                self.tracker.log_tables(self.run_id, record["tables"])
+            for name, text in (record.get("texts") or {}).items():
+                self.tracker.log_text(self.run_id, text, name)
+        except Exception as e:  # noqa: BLE001 - artifacts are a record, never a reason to hold the metrics back
+            _logger.warning("MLflow artifacts not logged for run %s: %s", self.run_id, e)
         return True
 
     def _append(self, record: dict[str, Any]) -> None:
-        self.path.parent.mkdir(parents=True, exist_ok=True)
         with open(self.path, "a") as f:
             f.write(json.dumps(record) + "\n")
             f.flush()
@@ -141,3 +216,10 @@ class Outbox:
         tmp = self.path.with_suffix(".tmp")
         tmp.write_text("".join(json.dumps(r) + "\n" for r in records))
         os.replace(tmp, self.path)
+
+
+def _record(metrics: dict[str, Any] | None, step: int, tags: dict[str, Any] | None) -> dict[str, Any]:
+    return {
+        "metrics": {k: v for k, v in (metrics or {}).items() if isinstance(v, (int, float)) and not isinstance(v, bool)},
+        "step": int(step), "timestamp_ms": int(time.time() * 1000), "tags": {k: str(v) for k, v in (tags or {}).items()},
+    }

@@ -315,10 +315,15 @@ def _train_stage(pipe: PipelineConfig, stage: StageConfig, exp: ExperimentConfig
     stage finds its checkpoints there and resumes from the newest good one."""
     import torch
 
+    from . import loop
     from .driver import MlflowReportCallback, make_trainer
+    from .outbox import Outbox, outbox_path
 
-    trainer = make_trainer(exp, "trial", stage.name, pipe.folder, callbacks=[MlflowReportCallback(tracker, run_id)])
-    result = trainer.fit()
+    outbox = Outbox(tracker, run_id, outbox_path(loop.cache_dir(exp), run_id))
+    outbox.flush()  # what an earlier attempt of this stage could not send
+    trainer = make_trainer(exp, "trial", stage.name, pipe.folder, callbacks=[MlflowReportCallback(outbox)])
+    with outbox.delivering():  # what the controller queues
+        result = trainer.fit()
     if result.checkpoint is not None:
         folder = storage.join(pipe.folder, stage.name, Path(result.checkpoint.path).name)
     else:  # resumed after its last epoch: nothing new was reported
