@@ -1,18 +1,16 @@
-"""Metrics, tags and artifacts on their way to MLflow, kept in order in a local file until the server took them.
+"""Metrics, tags and artifacts on their way to a run's MLflow record, kept in order in a local file until the server took them.
 
-Training never waits on the tracking server: ``Outbox.send`` tries MLflow only when nothing is
-pending and the server answers its health check (a refused connection fails in milliseconds, where
-MLflow's own client would retry for minutes); otherwise the record is appended to a JSONL file,
-with its original step and timestamp, and the next ``send`` or ``flush`` replays the file first, in
-order. A record is removed only after MLflow took it, so a killed process loses nothing it wrote;
-replaying a metric twice logs the same (step, timestamp, value) point again, which MLflow's history
-tolerates (``backfill_history`` and the tests count distinct steps).
-
-``Outbox.append`` only writes the file, and ``Outbox.delivering()`` flushes it from a thread: Ray
-Train's controller, a fresh process per run, appends each report (importing MLflow and opening its
-store there cost 3-4 s of a core in every run, while the ranks train), and the process that called
-``fit()``, which has MLflow loaded already, delivers them. Both hold the file's lock (``fcntl``:
-they are on one node, as Train places the controller beside its caller) while they touch it.
+Training never waits on the tracking server. Ray Train's controller, a fresh process per run, only
+appends each report to the run's JSONL file (``Outbox.append``: importing MLflow and opening its
+store there cost 3-4 s of a core in every run, while the ranks trained); the process that called
+``fit()``, which has MLflow loaded already, delivers the records from a thread
+(``Outbox.delivering()``), oldest first, with their original steps and timestamps. It tries MLflow
+only when the server answers its health check (a refused connection fails in milliseconds, where
+MLflow's own client would retry for minutes), and removes a record only after MLflow took it, so
+an outage or a killed process loses nothing written; replaying a metric twice logs the same (step,
+timestamp, value) point again, which MLflow's history tolerates (``backfill_history`` and the
+tests count distinct steps). Both sides hold the outbox folder's lock (``fcntl``: they are on one
+node, as Train places the controller beside its caller) while they touch the file.
 """
 from __future__ import annotations
 
@@ -91,16 +89,6 @@ class Outbox:
                 continue
         return records
 
-    def send(self, metrics: dict[str, Any] | None = None, step: int = 0, tags: dict[str, Any] | None = None) -> bool:
-        """Log ``metrics`` at ``step`` (timestamped now) and ``tags``, after anything pending; keep
-        them for later when MLflow is unavailable. Returns whether everything reached MLflow."""
-        record = _record(metrics, step, tags)
-        with self._locked():
-            if self._flush() and self._deliver(record):
-                return True
-            self._append(record)
-            return False
-
     def append(
         self, metrics: dict[str, Any] | None = None, step: int = 0, tags: dict[str, Any] | None = None,
         tables: dict[str, list[dict[str, Any]]] | None = None, texts: dict[str, str] | None = None,
@@ -165,13 +153,14 @@ class Outbox:
 
     @contextmanager
     def _locked(self) -> Iterator[None]:
+        """The outbox folder's lock (a folder can be locked too: no lock file left behind per run)."""
         self.path.parent.mkdir(parents=True, exist_ok=True)
-        with open(self.path.with_suffix(".lock"), "a") as lock:
-            fcntl.flock(lock, fcntl.LOCK_EX)
-            try:
-                yield
-            finally:
-                fcntl.flock(lock, fcntl.LOCK_UN)
+        fd = os.open(self.path.parent, os.O_RDONLY)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX)
+            yield
+        finally:
+            os.close(fd)  # releases the lock
 
     def _flush(self) -> bool:
         records = self.pending()
