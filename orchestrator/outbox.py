@@ -96,7 +96,10 @@ class Outbox:
         """Keep a record (timestamped now) for ``flush`` to deliver: ``metrics`` at ``step``, ``tags``,
         and artifacts: ``tables`` (``Tracker.log_tables``) and ``texts`` (file name -> text). Never
         touches MLflow, so it never imports it."""
-        record = _record(metrics, step, tags)
+        record = {
+            "metrics": {k: v for k, v in (metrics or {}).items() if isinstance(v, (int, float)) and not isinstance(v, bool)},
+            "step": int(step), "timestamp_ms": int(time.time() * 1000), "tags": {k: str(v) for k, v in (tags or {}).items()},
+        }
         if tables:
             record["tables"] = tables
         if texts:
@@ -124,7 +127,7 @@ class Outbox:
     def delivering(self, interval: float = 0.5, on_flush: Callable[[float], None] | None = None) -> Iterator[None]:
         """Flush every ``interval`` s from a thread while the block runs (what another process, Train's
         controller, appends), and once more at its end. ``on_flush(seconds)`` is told what each flush
-        that sent something took (for the run's time breakdown)."""
+        of a non-empty file took, delivered or not (for the run's time breakdown)."""
         stop = threading.Event()
 
         def pump() -> None:
@@ -206,9 +209,3 @@ class Outbox:
         tmp.write_text("".join(json.dumps(r) + "\n" for r in records))
         os.replace(tmp, self.path)
 
-
-def _record(metrics: dict[str, Any] | None, step: int, tags: dict[str, Any] | None) -> dict[str, Any]:
-    return {
-        "metrics": {k: v for k, v in (metrics or {}).items() if isinstance(v, (int, float)) and not isinstance(v, bool)},
-        "step": int(step), "timestamp_ms": int(time.time() * 1000), "tags": {k: str(v) for k, v in (tags or {}).items()},
-    }
