@@ -66,9 +66,7 @@ def _torchrun_worker(args: argparse.Namespace) -> None:
     rank, world = dist.get_rank(), dist.get_world_size()
     exp = _experiment(args.data, args.epochs, world, args.threads)
     run = loop.build_run(exp, "pretrain", torch.device("cpu"), rank, world)
-    run.model = DistributedDataParallel(
-        run.raw, find_unused_parameters=run.method.find_unused_parameters, broadcast_buffers=run.method.broadcast_buffers,
-    )
+    run.model = DistributedDataParallel(run.raw, **loop.ddp_options(run.method))
     epochs = []
     out = Path(args.checkpoints)
 

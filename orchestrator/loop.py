@@ -9,6 +9,7 @@ evaluation counts through ``torch.distributed`` when a process group exists.
 from __future__ import annotations
 
 import copy
+import inspect
 import json
 import logging
 import os
@@ -34,7 +35,7 @@ from .resume import ResumableSampler, check_identity, gather_rng_states, loader_
 from .timing import Stopwatch
 from .report_keys import TABLES_KEY
 
-__all__ = ["Run", "build_run", "fit", "restore", "NonFiniteLossError", "Report"]
+__all__ = ["Run", "build_run", "ddp_options", "fit", "restore", "NonFiniteLossError", "Report"]
 
 _logger = logging.getLogger(__name__)
 
@@ -154,6 +155,22 @@ def build_run(
     run.nan_guard = NanGuard(train_cfg.nan_guard)
     run.nan_guard.attach(run)
     return run
+
+
+def ddp_options(method: SparsityMethod) -> dict[str, bool]:
+    """``DistributedDataParallel`` keyword arguments for ``method``'s model.
+
+    torch 2.13 renamed DDP's per-forward buffer broadcast ``forward_sync_buffers``; the old
+    ``broadcast_buffers`` still works there but warns (a ``FutureWarning`` on every rank of every
+    trial). Older torch (the GPU image's 2.11) has only the old name. With the new one, buffers are
+    still synced once when DDP wraps the model, which a method whose ranks compute identical
+    buffers themselves (DST masks) does not mind.
+    """
+    from torch.nn.parallel import DistributedDataParallel
+
+    params = inspect.signature(DistributedDataParallel.__init__).parameters
+    sync = "forward_sync_buffers" if "forward_sync_buffers" in params else "broadcast_buffers"
+    return {"find_unused_parameters": method.find_unused_parameters, sync: method.broadcast_buffers}
 
 
 def cache_dir(exp: ExperimentConfig) -> Path:

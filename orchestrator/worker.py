@@ -121,9 +121,5 @@ def train_fn_per_worker(config: dict[str, Any]) -> None:
     train_cfg = exp.pretrain if stage == "pretrain" else exp.train
     if run_dir and train_cfg.checkpoint_every_steps:
         run.on_step_checkpoint = lambda state: _save_step(state, run_dir, train_cfg.checkpoints_to_keep)
-    run.model = ray.train.torch.prepare_model(
-        run.raw, parallel_strategy_kwargs={
-            "find_unused_parameters": run.method.find_unused_parameters, "broadcast_buffers": run.method.broadcast_buffers,
-        },
-    )
+    run.model = ray.train.torch.prepare_model(run.raw, parallel_strategy_kwargs=loop.ddp_options(run.method))
     loop.fit(run, lambda metrics, state: _report({**metrics, RANK_KEY: json.dumps({**where, "train_samples": metrics.get("train_samples")})}, state))

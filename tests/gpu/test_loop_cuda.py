@@ -65,10 +65,7 @@ def exp(tmp_path_factory):
 
 
 def _fit(run: loop.Run) -> tuple[dict, list[dict]]:
-    run.model = DistributedDataParallel(
-        run.raw, device_ids=[CUDA.index],
-        find_unused_parameters=run.method.find_unused_parameters, broadcast_buffers=run.method.broadcast_buffers,
-    )
+    run.model = DistributedDataParallel(run.raw, device_ids=[CUDA.index], **loop.ddp_options(run.method))
     reports: list[dict] = []
     final = loop.fit(run, lambda metrics, state: reports.append(dict(metrics)))
     return final, reports
