@@ -130,6 +130,80 @@ def test_every_method_ran_and_was_measured(sweep):
     assert {1.0, 6.0} <= tome
 
 
+# What one rank sees of the digits' 1,437 training images (80% of scikit-learn's 1,797, stratified)
+# per epoch, in whole batches of 64 (drop_last): one rank all of them, 22 * 64; each of two ranks its
+# DistributedSampler half, ceil(1437 / 2) = 719, 11 * 64.
+SAMPLES_PER_RANK = {1: [1408], 2: [704, 704]}
+STARTS_FROM_DENSE = ("dynamicvit", "evovit", "spvit", "tome", "dvt")  # SViTE and S2ViTE train from scratch
+
+
+def test_trials_record_their_search_their_ranks_and_their_epochs(sweep):
+    _, _, client, runs = sweep
+    (parent,) = _role(runs, "sweep")
+    searched = set(parent.data.tags["prunetune.searched_params"].split(","))
+    assert {"method", "keep_ratio", "prune_ratio", "latency_target_ratio", "r", "inflect", "budget", "density",
+            "atten_density", "other_density"} <= searched
+    own = {"evovit": {"prune_ratio"}, "spvit": {"latency_target_ratio"}, "dvt": {"budget"}, "svite": {"density"},
+           "s2vite": {"atten_density", "other_density"}}
+    for t in _role(runs, "trial"):
+        method = t.data.tags["method"]
+        assert t.data.tags["mlflow.parentRunId"] == parent.info.run_id
+        assert t.data.tags["backbone"] == "vit_tiny_patch16_224"
+        assert t.data.tags["pareto"] in ("true", "false")
+        trial_searched = set(t.data.tags["prunetune.searched_params"].split(","))
+        assert "method" in trial_searched and own.get(method, set()) <= trial_searched <= searched, method
+        assert t.data.params["model.pretrained"].endswith("dense_backbone.pt") == (method in STARTS_FROM_DENSE), method
+        ranks = json.loads(t.data.tags["prunetune.ranks"])
+        workers = 2 if method == "svite" else 1
+        assert [r["rank"] for r in ranks] == list(range(workers)) and {r["world_size"] for r in ranks} == {workers}, method
+        assert t.data.tags["device"] == ranks[0]["device"] and ranks[0]["device"].startswith("cpu")
+        if method in ("dynamicvit", "evovit", "svite"):  # every training image, split between the ranks
+            assert [r["train_samples"] for r in ranks] == SAMPLES_PER_RANK[workers], method
+        epochs = int(t.data.params["train.epochs"])
+        assert sorted(h.step for h in client.get_metric_history(t.info.run_id, "train_loss")) == list(range(epochs)), method
+
+
+def test_checkpoints_written_per_epoch(sweep):
+    tmp_path, _, _, runs = sweep
+    (parent,) = _role(runs, "sweep")
+    sweep_dir = tmp_path / "runs" / parent.info.run_name
+    for t in _role(runs, "trial"):
+        ckpts = sorted(p.name for p in (sweep_dir / t.info.run_name).glob("checkpoint_epoch_*"))
+        epochs = int(t.data.params["train.epochs"])  # ToMe's trials train nothing and keep no checkpoint
+        assert ckpts == [f"checkpoint_epoch_{e:04d}" for e in range(epochs)], t.data.tags["method"]
+        if ckpts:
+            assert (sweep_dir / t.info.run_name / ckpts[-1] / "state.pt").is_file()
+
+
+def test_dense_stage_trained_first(sweep):
+    _, _, client, _ = sweep
+    exp = client.get_experiment_by_name(EXPERIMENT)
+    (pre,) = client.search_runs([exp.experiment_id], filter_string="tags.`prunetune.role` = 'pretrain'")
+    assert pre.info.status == "FINISHED" and pre.data.tags["method"] == "dense"
+    assert [h.step for h in client.get_metric_history(pre.info.run_id, "val_top1")] == [0, 1, 2]  # pretrain.epochs: 3
+
+
+def test_sweep_console_shows_progress_and_keeps_rays_lines_in_its_logs(sweep, shared_ray):
+    tmp_path, proc, _, _ = sweep
+    console = proc.stdout + proc.stderr
+    assert console.count(" started: ") == len(POINTS)  # one line per trial start, with its parameters
+    assert "(evovit) started: prune_ratio=0.5" in console and "(svite) started: density=0.5" in console
+    assert console.count("epoch 1/") >= 6 and "epoch 2/2" in console and "train_loss" in console  # one line per trial epoch
+    assert "measured: val_top1" in proc.stderr
+    # Ray's per-checkpoint / per-report lines, its worker-group lines and Tune's tables stay out of the console...
+    assert "Checkpoint successfully created" not in console and "Moving model to device" not in console
+    assert "Trial status:" not in console and "\u2502" not in console and "Configuration for experiment" not in console
+    assert "world_rank=" not in console and "PreemptionWatcher" not in console
+    assert "took" in console and "start-up" in console  # the sweep's wall-clock breakdown, in one line
+    # ...but are still in Ray's own log files (the workers write those themselves).
+    ours = f"Checkpoint successfully created at: Checkpoint(filesystem=local, path={tmp_path.resolve()}"
+    logs = [f for root in shared_ray.temps for f in root.glob("session_*/logs/**/*")  # the Ray the sweep ran on
+            if f.suffix in (".err", ".out", ".log") and f.is_file()]
+    assert any(ours in f.read_text(errors="replace") for f in logs), "this sweep's checkpoint lines were expected in Ray's worker logs"
+    # A Ray on one machine (LOCAL_RAY_ENV, which the shared Ray has too): Ray Train started no preemption watcher.
+    assert not [f.name for f in logs if "PreemptionWatcher" in f.read_text(errors="replace")]
+
+
 def test_dense_reference_is_recorded_beside_the_trials(sweep):
     _, _, client, runs = sweep
     (ref,) = _role(runs, "reference")
@@ -139,6 +213,7 @@ def test_dense_reference_is_recorded_beside_the_trials(sweep):
     assert ref.data.tags["mlflow.parentRunId"] == parent.info.run_id
     m = ref.data.metrics
     assert m["gflops"] == pytest.approx(m["dense_gflops"], rel=1e-9)
+    assert m["speedup"] == pytest.approx(1.0, rel=0.3)  # dense timed beside itself
     # the dense backbone the sweep trained first, evaluated again: its pre-training's last accuracy
     exp = client.get_experiment_by_name(EXPERIMENT)
     (pre,) = client.search_runs([exp.experiment_id], filter_string="tags.`prunetune.role` = 'pretrain'")
@@ -169,7 +244,18 @@ def test_one_front_across_methods(sweep, mlflow_server, run_cli):
     rows = json.loads(out.stdout)["front"]
     assert {r["run_id"] for r in rows} == tagged
     assert {r["method"] for r in rows} == methods
+    for row in rows:
+        assert set(FINAL) <= set(row["metrics"])
     assert "Pareto front" in proc.stdout
+    text = run_cli("pareto", "--experiment", EXPERIMENT, "--tracking-uri", mlflow_server, cwd=tmp_path, timeout=120)
+    assert text.returncode == 0 and "Pareto front" in text.stdout
+    # the parent run's front files list the same runs
+    (parent,) = _role(runs, "sweep")
+    client = MlflowClient(mlflow_server)
+    assert {"pareto_front.csv", "pareto_front.json", "pareto_front.png"} <= {a.path for a in client.list_artifacts(parent.info.run_id)}
+    assert Path(client.download_artifacts(parent.info.run_id, "pareto_front.png", str(tmp_path))).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    csv_rows = list(csv.DictReader(open(client.download_artifacts(parent.info.run_id, "pareto_front.csv", str(tmp_path)))))
+    assert {r["run_id"] for r in csv_rows} == tagged
 
 
 # Token stages each front model shows, by hand from the config: DynamicViT prunes before blocks 1, 2, 3;
