@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import pytest
 import torch
@@ -99,12 +100,12 @@ def test_sweep_configs_take_the_measurement_options_and_a_ratio_objective():
         apply_overrides(exp, {"measure.precision": "fp8"})
 
 
-def _suite():
+def _benchmark(name: str):
+    """A script of ``benchmarks/`` as a module."""
     import importlib.util
-    from pathlib import Path
 
-    path = Path(__file__).resolve().parents[2] / "benchmarks" / "suite.py"
-    spec = importlib.util.spec_from_file_location("prunetune_suite", path)
+    path = Path(__file__).resolve().parents[2] / "benchmarks" / f"{name}.py"
+    spec = importlib.util.spec_from_file_location(f"prunetune_{name}", path)
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
     return module
@@ -112,7 +113,7 @@ def _suite():
 
 def test_suite_skips_rows_already_measured_and_writes_the_table(tmp_path, capsys):
     """A second run with the same --out measures nothing that is there (it would take minutes per DeiT row)."""
-    suite = _suite()
+    suite = _benchmark("suite")
     row = {
         "model": "deit_tiny", "method": "dense", "batch": 1, "mode": "eager", "precision": "fp32",
         "gflops": 1.258, "flops_bound": 1.0, "throughput_ips": 50.0, "throughput_spread": 0.04,
@@ -133,3 +134,29 @@ def test_suite_skips_rows_already_measured_and_writes_the_table(tmp_path, capsys
     # Rows measured again later (--redo) keep their own dates: the table names the span, not the file's first start.
     doc["rows"] = [{**row, "machine": {"date": "2026-11-22 13:49:31 UTC"}}, {**row, "batch": 32, "machine": {"date": "2026-11-22 20:08:28 UTC"}}]
     assert "rows measured 2026-11-22 13:49:31 UTC to 2026-11-22 20:08:28 UTC;" in suite.markdown(doc)
+
+
+@pytest.mark.skipif(not Path("/proc/self/stat").exists(), reason="reads /proc (Linux)")
+def test_startup_benchmark_counts_each_process_cpu_under_its_kind():
+    """A child process spinning for 0.6 s of CPU is counted under its program, and Ray's process titles
+    map to the kind each process is counted under."""
+    import subprocess
+    import sys
+
+    startup = _benchmark("startup")
+    assert startup._process_kind("ray::RayTrainWorker.execute") == "ray::RayTrainWorker"
+    assert startup._process_kind("/usr/bin/python3 -u /x/ray/dashboard/agent.py --node-ip-address=1") == "agent"
+    child = "import time\nt0 = time.process_time()\nwhile time.process_time() - t0 < 0.6: pass\n"
+    cpu = startup.ProcessCpu(interval=0.05).start()
+    # argv[0] names the child apart from every other Python process on the machine
+    proc = subprocess.run(["prunetune-spin", "-c", child], executable=sys.executable, capture_output=True, text=True, timeout=60)
+    spent = cpu.stop()
+    assert proc.returncode == 0, proc.stderr
+    assert 0.5 <= spent["prunetune-spin"] <= 1.5, spent  # the child's 0.6 s, and its interpreter's start-up
+    assert cpu.started["prunetune-spin"] == 1
+    # Titles: a pooled worker's raylet command line, then IDLE, then its actor, then a method call.
+    assert startup.ProcessCpu._kind(None, "raylet", "python") == "raylet"
+    assert startup.ProcessCpu._kind("raylet", "ray::IDLE", "ray::IDLE") == "ray::IDLE"
+    assert startup.ProcessCpu._kind("ray::IDLE", "ray::RayTrainWorker", "ray::RayTrainWo") == "ray::RayTrainWorker"
+    assert startup.ProcessCpu._kind("ray::RayTrainWorker", "ray::execute", "ray::execute._s") == "ray::RayTrainWorker"
+    assert startup.ProcessCpu._kind("ray::RayTrainWorker", None, "ray::RayTrainWo") == "ray::RayTrainWorker"  # exiting: no command line
