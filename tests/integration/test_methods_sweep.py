@@ -231,7 +231,7 @@ def _brute_force_front(runs) -> set[str]:
 
 
 def test_one_front_across_methods(sweep, mlflow_server, run_cli):
-    tmp_path, proc, _, runs = sweep
+    tmp_path, proc, client, runs = sweep
     candidates = _role(runs, "trial") + _role(runs, "reference")
     tagged = {r.info.run_id for r in candidates if r.data.tags.get("pareto") == "true"}
     assert tagged == _brute_force_front(candidates)
@@ -251,7 +251,6 @@ def test_one_front_across_methods(sweep, mlflow_server, run_cli):
     assert text.returncode == 0 and "Pareto front" in text.stdout
     # the parent run's front files list the same runs
     (parent,) = _role(runs, "sweep")
-    client = MlflowClient(mlflow_server)
     assert {"pareto_front.csv", "pareto_front.json", "pareto_front.png"} <= {a.path for a in client.list_artifacts(parent.info.run_id)}
     assert Path(client.download_artifacts(parent.info.run_id, "pareto_front.png", str(tmp_path))).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     csv_rows = list(csv.DictReader(open(client.download_artifacts(parent.info.run_id, "pareto_front.csv", str(tmp_path)))))
