@@ -82,6 +82,7 @@ def _torchrun_worker(args: argparse.Namespace) -> None:
     loop.fit(run, report)
     if rank == 0:
         Path(args.result).write_text(json.dumps(epochs))
+    del run  # DDP's Reducer must not outlive the process group: destroying gloo under the GIL can deadlock
     dist.destroy_process_group()
 
 

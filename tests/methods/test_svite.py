@@ -18,6 +18,7 @@ import methods.svite as svite
 from methods import BackboneConfig, Geometry, count_gflops, create_backbone, get_method
 from methods.checkpoint import load_method_checkpoint
 from methods.svite import S2ViTEConfig, SViTE, SViTEConfig, SViTEHooks
+from ranks import spawn_ranks
 
 REPO = Path(__file__).resolve().parents[2]
 IMAGE = (3, 32, 32)
@@ -285,15 +286,14 @@ def _ddp_worker(rank: int, world: int, port: int, out_dir: str) -> None:
                 hooks.after_optimizer_step(step)
                 history.append(_mask_state(model))
             results[name] = {"init": init, "history": history, "weights": {k: v.clone() for k, v in model.state_dict().items()}}
+            del ddp  # before destroy_process_group (see tests/ranks.py)
         torch.save(results, Path(out_dir) / f"rank{rank}.pt")
     finally:
         dist.destroy_process_group()
 
 
 def test_masks_agree_across_two_ddp_workers_without_broadcast(tmp_path, port_factory):
-    import torch.multiprocessing as mp
-
-    mp.spawn(_ddp_worker, args=(2, port_factory(), str(tmp_path)), nprocs=2, join=True)
+    spawn_ranks(_ddp_worker, (2, port_factory(), str(tmp_path)))
     r0, r1 = (torch.load(tmp_path / f"rank{r}.pt") for r in (0, 1))
     for name in ("svite", "s2vite"):
         for key, value in r0[name]["init"].items():

@@ -12,8 +12,8 @@ import warnings
 from pathlib import Path
 
 import torch
-import torch.multiprocessing as mp
 from ports import free_port
+from ranks import spawn_ranks
 from torch import nn
 
 from methods import get_method
@@ -47,13 +47,14 @@ def _rank(rank: int, port: int, folder: str) -> None:
             model.mark.fill_(10.0 + rank)  # rank-local from here on
             ddp(torch.ones(1, 2)).sum().backward()
             out[name] = {"mark": model.mark.item(), "warnings": [str(w.message) for w in caught if issubclass(w.category, FutureWarning)]}
+            del ddp  # before destroy_process_group (see ranks.py)
         Path(folder, f"rank{rank}.json").write_text(json.dumps(out))
     finally:
         dist.destroy_process_group()
 
 
 def test_buffers_follow_the_methods_declaration_without_warnings(tmp_path):
-    mp.start_processes(_rank, args=(free_port(), str(tmp_path)), nprocs=2, start_method="spawn")
+    spawn_ranks(_rank, (free_port(), str(tmp_path)), timeout_s=120)
     ranks = [json.loads((tmp_path / f"rank{r}.json").read_text()) for r in range(2)]
     for r, out in enumerate(ranks):
         assert out["dense"]["mark"] == 10.0, "dense: rank 0's buffer is broadcast at every forward"

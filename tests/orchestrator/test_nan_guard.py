@@ -10,11 +10,11 @@ from pathlib import Path
 
 import pytest
 import torch
-import torch.multiprocessing as mp
 
 from orchestrator.config import NanGuardConfig, TrainConfig
 from orchestrator.nan_guard import NAN_EVENTS_KEY, TEST_INJECT_NAN_ENV
 from ports import free_port as _free_port
+from ranks import spawn_ranks
 
 PER_RANK_STEPS = 5  # 160 train images, 2 ranks, batch 16
 MIN_LR = 1e-5
@@ -92,7 +92,7 @@ def outcomes(make_digits_subset, make_tiny_experiment, tmp_path_factory):
         ("fp32_attention", exp(amp=True, policies=("fp32_attention",)), {"rank": 1, "steps": [PER_RANK_STEPS + 2]}),
     ]
     folder = tmp_path_factory.mktemp("ranks")
-    mp.start_processes(_rank_main, args=(_free_port(), scenarios, str(folder)), nprocs=2, join=True, start_method="spawn")
+    spawn_ranks(_rank_main, (_free_port(), scenarios, str(folder)))
     return {name: [torch.load(folder / f"{name}_{r}.pt", weights_only=False) for r in (0, 1)] for name, _, _ in scenarios}
 
 
