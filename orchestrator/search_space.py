@@ -18,7 +18,6 @@ from pathlib import Path
 from typing import Any, Literal
 
 import yaml
-from ray import tune
 
 from .config import ExperimentConfig, apply_overrides, canonical_key
 from .errors import ConfigError
@@ -62,6 +61,8 @@ class Param:
         return [self.value]
 
     def to_tune(self) -> Any:
+        from ray import tune  # here, not at import: reading and checking a space needs no Ray (seconds on a CLI error)
+
         if self.distribution == "uniform":
             return tune.uniform(self.low, self.high)
         if self.distribution == "loguniform":
