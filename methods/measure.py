@@ -21,7 +21,8 @@ such memory too.
 
 Precision ``bf16``/``fp16`` times under ``torch.autocast`` with that dtype (the model's weights stay
 fp32; autocast casts them once per timed loop); ``compile`` wraps every timed model in
-``torch.compile`` (default mode, static shapes) alike, compiled before the first timed round.
+``torch.compile`` (default mode, static shapes) alike, compiled before the first timed round, whose
+output is checked there against the eager model's (``CompiledOutputMismatch`` beyond ``COMPILE_TOLERANCE``).
 """
 from __future__ import annotations
 
@@ -40,7 +41,7 @@ from torch import nn
 
 __all__ = [
     "MeasureConfig", "PRECISIONS", "measure_pair", "bench_pair", "bench_models", "count_gflops", "time_forward",
-    "time_rounds", "Timed", "spread", "profile_ops", "hold_freed_memory",
+    "time_rounds", "Timed", "spread", "profile_ops", "hold_freed_memory", "CompiledOutputMismatch", "COMPILE_TOLERANCE",
 ]
 
 _logger = logging.getLogger(__name__)
@@ -230,7 +231,7 @@ def time_rounds(
     calls: dict[str, list[list[float]]] = {n: [] for n in names}
     with _timing(x.device), _autocast(x.device, amp):
         for name in names:
-            models[name](x)
+            _first_call(name, models[name], x, amp)
         for r in range(cfg.rounds):
             for _ in range(warmup):
                 for name in names:
@@ -242,6 +243,38 @@ def time_rounds(
                 for name in names[shift:] + names[:shift]:
                     calls[name][-1].append(_timed_call(models[name], x))
     return Timed(calls)
+
+
+#: Largest ``max |compiled - eager|`` of the logits, relative to ``max(1, max |eager|)``, that
+#: ``torch.compile`` may add: fp32 (inductor's reordered sums: ~1e-7 measured on every method), and
+#: autocast's half types (both sides round to 8 or 11 bits, at different points).
+COMPILE_TOLERANCE: dict[torch.dtype | None, float] = {None: 1e-3, torch.bfloat16: 0.1, torch.float16: 0.05}
+
+
+class CompiledOutputMismatch(ValueError):
+    """``torch.compile`` changed what a timed model computes: its timings would not be the model's."""
+
+
+def _logits(out) -> torch.Tensor:
+    return out.logits if hasattr(out, "logits") else out
+
+
+def _first_call(name: str, model: nn.Module, x: torch.Tensor, amp: torch.dtype | None) -> None:
+    """The untimed first call (where ``torch.compile`` compiles). A compiled model's output is checked
+    against its eager module's on the same input: a compiled graph that drops a token-selection
+    branch or miscompiles a gather would otherwise be timed as if it were the method."""
+    got = model(x)
+    eager = getattr(model, "_orig_mod", None)  # torch.compile's OptimizedModule keeps the eager module
+    if eager is None:
+        return
+    ref, got = _logits(eager(x)).float(), _logits(got).float()
+    diff = (ref - got).abs().max().item() if ref.shape == got.shape else float("inf")
+    bound = COMPILE_TOLERANCE[amp] * max(1.0, ref.abs().max().item())
+    if not diff <= bound:  # NaN fails too
+        raise CompiledOutputMismatch(
+            f"torch.compile changed model {name!r}'s output at input {tuple(x.shape)}: max |compiled - eager| logit "
+            f"{diff:.3g} > {bound:.3g} (shapes {tuple(got.shape)} and {tuple(ref.shape)}); measure it without compile"
+        )
 
 
 def _summary(timed: Timed, batch: int, prefix_of: Mapping[str, str]) -> dict[str, float]:

@@ -251,11 +251,16 @@ def _cmd_bench(args: argparse.Namespace) -> int:
         import torch
 
         torch.set_num_threads(args.threads)
-    result = run_bench(
-        exp, batch=args.batch, precision=args.precision, compile=args.compile, device=args.device,
-        checkpoint=args.checkpoint, layout=args.layout, rounds=args.rounds, warmup=args.warmup, iters=args.iters,
-        profile=args.profile,
-    )
+    from methods.measure import CompiledOutputMismatch
+
+    try:
+        result = run_bench(
+            exp, batch=args.batch, precision=args.precision, compile=args.compile, device=args.device,
+            checkpoint=args.checkpoint, layout=args.layout, rounds=args.rounds, warmup=args.warmup, iters=args.iters,
+            profile=args.profile,
+        )
+    except CompiledOutputMismatch as e:
+        raise UserError(str(e)) from None
     print(json.dumps(result, indent=2) if args.json else format_bench(result))
     return 0
 

@@ -238,10 +238,35 @@ def test_compile_runs_both_models_through_torch_compile():
     sparse, dense = _Recording(), _Recording()
     out = bench_pair(sparse, dense, (3, 4, 4), torch.device("cpu"), MeasureConfig(warmup=1, iters=3, rounds=1, compile=True), batch=2)
     for m in (sparse, dense):
-        timed, fvcore_trace = m.seen[:-1], m.seen[-1]  # priming + warm-up + 3 timed calls, then fvcore's eager trace
-        assert len(timed) == 1 + 1 + 3 and all(compiling for _, _, compiling in timed)  # each call through dynamo's graph
-        assert not fvcore_trace[2]  # GFLOPs are counted on the eager model
+        # priming (compiled), its eager twin for the output check, warm-up + 3 timed calls, then fvcore's eager trace
+        priming, check, timed, fvcore_trace = m.seen[0], m.seen[1], m.seen[2:-1], m.seen[-1]
+        assert len(timed) == 1 + 3 and priming[2] and all(compiling for _, _, compiling in timed)  # through dynamo's graph
+        assert not check[2] and not fvcore_trace[2]  # the output check and GFLOPs run the eager model
     assert math.isfinite(out["speedup"]) and out["speedup"] > 0
+
+
+class _CompiledDiffers(torch.nn.Module):
+    """Adds ``shift`` to its logits only when dynamo traces it: what a miscompiled token selection looks like."""
+
+    def __init__(self, shift: float) -> None:
+        super().__init__()
+        self.fc, self.shift = torch.nn.Linear(3 * 4 * 4, 5), shift
+
+    def forward(self, x):
+        logits = self.fc(x.flatten(1))
+        return MethodOutput(logits + self.shift if torch.compiler.is_compiling() else logits)
+
+
+def test_compiled_model_that_computes_something_else_is_not_timed():
+    from methods import bench_pair
+    from methods.measure import COMPILE_TOLERANCE, CompiledOutputMismatch
+
+    cfg = MeasureConfig(warmup=0, iters=1, rounds=1, compile=True)
+    # The bound is the tolerance times max(1, max |logits|): above half the tolerance whatever the logits, far below 0.5.
+    within = bench_pair(_CompiledDiffers(0.5 * COMPILE_TOLERANCE[None]), _Recording(), (3, 4, 4), torch.device("cpu"), cfg, batch=2)
+    assert within["speedup"] > 0
+    with pytest.raises(CompiledOutputMismatch, match=r"model 'sparse'.* input \(2, 3, 4, 4\): max \|compiled - eager\| logit 0\.5 > "):
+        bench_pair(_CompiledDiffers(0.5), _Recording(), (3, 4, 4), torch.device("cpu"), cfg, batch=2)
 
 
 class _BigActivation(torch.nn.Module):
