@@ -212,3 +212,14 @@ def test_a_missing_or_malformed_file_is_refused_before_torch_or_ray_is_imported(
     assert proc.stdout.strip() == "2 []", proc.stdout + proc.stderr[-2000:]
     expected = "does not exist" if "{missing}" in args else "is not valid YAML at line 3"
     assert proc.stderr.startswith("prunetune: error: ") and expected in proc.stderr, proc.stderr
+
+
+def test_only_the_command_line_process_skips_the_final_collection():
+    # ``prunetune`` (argv None) freezes the collector's objects as it exits; an in-process call must not.
+    script = (
+        "import gc, sys\nfrom orchestrator import cli\n"
+        "cli.main(['methods']); inprocess = gc.get_freeze_count()\n"
+        "sys.argv = ['prunetune', 'methods']; cli.main(); print(inprocess, gc.get_freeze_count() > 1000, file=sys.stderr)\n"
+    )
+    proc = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0 and proc.stderr.strip().splitlines()[-1] == "0 True", proc.stderr[-2000:]
