@@ -398,8 +398,7 @@ def count_gflops(model: nn.Module, image_shape: tuple[int, int, int], device: to
             self.inner = inner
 
         def forward(self, x):
-            out = self.inner(x)
-            return out.logits if hasattr(out, "logits") else out
+            return _logits(self.inner(x))
 
     try:
         analysis = FlopCountAnalysis(_Logits(model), x)
