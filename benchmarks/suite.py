@@ -44,6 +44,10 @@ PAPER: dict[str, dict[str, dict]] = {
 }
 
 
+#: A row's mode -> (torch.compile on both models, its mode).
+MODES = {"eager": (False, "default"), "compiled": (True, "default"), "cudagraphs": (True, "reduce-overhead")}
+
+
 def setting(method: str, model: str) -> dict:
     table = PAPER.get(method, {})
     return dict(table.get(model, table.get("*", {})))
@@ -98,7 +102,8 @@ def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--models", default=",".join(MODELS), help=f"comma-separated, of {', '.join(MODELS)} (or timm names)")
     p.add_argument("--batches", default=None, help="comma-separated (default 1,32; 1,32,256 on a GPU)")
-    p.add_argument("--modes", default="eager,compiled", help="eager and/or compiled (torch.compile on both models)")
+    p.add_argument("--modes", default=None, help="of eager, compiled (torch.compile on both models) and cudagraphs "
+                   "(compiled with mode reduce-overhead; GPU only); default eager,compiled (and cudagraphs on a GPU)")
     p.add_argument("--methods", default="all", help="comma-separated, or all (every registered method; dense is the A/A row)")
     p.add_argument("--precision", default=None, choices=["fp32", "bf16", "fp16"], help="default fp32 on CPU, bf16 on a GPU")
     p.add_argument("--device", default=None, help="default cuda if available, else cpu")
@@ -115,9 +120,9 @@ def main(argv: list[str] | None = None) -> int:
     on_gpu = torch.device(device).type == "cuda"
     precision = args.precision or ("bf16" if on_gpu else "fp32")
     batches = [int(b) for b in _split(args.batches or ("1,32,256" if on_gpu else "1,32"))]
-    modes = _split(args.modes)
-    if not set(modes) <= {"eager", "compiled"}:
-        p.error(f"--modes: eager and/or compiled, got {args.modes!r}")
+    modes = _split(args.modes or ("eager,compiled,cudagraphs" if on_gpu else "eager,compiled"))
+    if not set(modes) <= set(MODES):
+        p.error(f"--modes: of {', '.join(MODES)}, got {args.modes!r}")
     chosen = list_methods() if args.methods == "all" else _split(args.methods)
     chosen = ["dense"] + [m for m in chosen if m != "dense"]
     unknown = [m for m in chosen if m not in list_methods()]
@@ -143,8 +148,9 @@ def main(argv: list[str] | None = None) -> int:
         start = time.perf_counter()
         try:
             exp = bench_experiment(method, MODELS.get(model, model), setting(method, model))
-            result = run_bench(exp, batch=batch, precision=precision, compile=mode == "compiled", device=device, rounds=args.rounds,
-                               warmup=args.warmup, iters=args.iters)
+            compile, compile_mode = MODES[mode]
+            result = run_bench(exp, batch=batch, precision=precision, compile=compile, compile_mode=compile_mode, device=device,
+                               rounds=args.rounds, warmup=args.warmup, iters=args.iters)
             row = {**result, **row}  # the row's key fields stay as planned
             print(f"{label}: speed-up {row['speedup']:.2f}x ({row['speedup_min']:.2f}-{row['speedup_max']:.2f}), "
                   f"bound {row['flops_bound']:.2f}x, efficiency {row['efficiency']:.2f}, {row['throughput_ips']:.1f} img/s "

@@ -53,18 +53,19 @@ def build(backbone: str, r: int, patch) -> dict[str, torch.nn.Module]:
 
 
 @torch.no_grad()
-def bench_row(models: dict[str, torch.nn.Module], image: tuple[int, ...], batch: int, compiled: bool, rounds: int) -> dict:
+def bench_row(models: dict[str, torch.nn.Module], image: tuple[int, ...], batch: int, compiled: bool, rounds: int,
+              device: str = "cpu", precision: str = "fp32") -> dict:
     warmup, iters = bench_defaults(batch)
     prepared = {n: torch.compile(m, dynamic=False) if compiled else m for n, m in models.items()}
-    x = torch.randn(batch, *image)
-    timed = time_rounds(prepared, x, MeasureConfig(warmup=warmup, iters=iters, rounds=rounds))
+    x = torch.randn(batch, *image, device=device)
+    timed = time_rounds(prepared, x, MeasureConfig(warmup=warmup, iters=iters, rounds=rounds, precision=precision))
 
     def ratio(faster: str, slower: str) -> dict[str, float]:  # slower's seconds over faster's
         pooled, per_round = timed.ratio(faster, slower)
         return {"median": pooled, "min": min(per_round), "max": max(per_round)}
 
     return {
-        "batch": batch, "mode": "compiled" if compiled else "eager", "rounds": rounds, "warmup": warmup, "iters": iters,
+        "batch": batch, "mode": "compiled" if compiled else "eager", "precision": precision, "rounds": rounds, "warmup": warmup, "iters": iters,
         "latency_ms": {n: statistics.median(timed.seconds(n)) * 1e3 for n in prepared},
         "latency_spread": {n: spread(timed.seconds(n)) for n in prepared},
         "authors_speedup": ratio("authors", "dense"),
@@ -82,6 +83,8 @@ def main() -> None:
     p.add_argument("--modes", default="eager,compiled")
     p.add_argument("--rounds", type=int, default=7)
     p.add_argument("--threads", type=int, default=None)
+    p.add_argument("--device", default=None, help="default cuda if available, else cpu")
+    p.add_argument("--precision", default=None, choices=["fp32", "bf16", "fp16"], help="default fp32 on CPU, bf16 on a GPU")
     p.add_argument("--out", default=None, help="JSON results file")
     args = p.parse_args()
     batches = [int(b) for b in args.batches.split(",") if b.strip()]
@@ -91,20 +94,23 @@ def main() -> None:
     patch = authors_patch(args.tome_src)
     if args.threads:
         torch.set_num_threads(args.threads)
+    device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
+    precision = args.precision or ("bf16" if torch.device(device).type == "cuda" else "fp32")
     models = build(args.backbone, args.r, patch)
     image = (3, *models["dense"].patch_embed.img_size)
-    x = torch.randn(4, *image)
-    with torch.no_grad():
-        diff = (models["authors"](x) - models["prunetune"](x).logits).abs().max().item()
     gflops = {n: count_gflops(m, image) for n, m in models.items() if n != "authors"}  # the authors' patch: same merges
-    print(f"{args.backbone}, r = {args.r}: max |logit difference| prunetune vs the authors' code = {diff:.2e}; "
+    models = {n: m.to(device) for n, m in models.items()}
+    x = torch.randn(4, *image, device=device)
+    with torch.no_grad():
+        diff = (models["authors"](x) - models["prunetune"](x).logits).abs().max().item()  # fp32 on both
+    print(f"{args.backbone} on {device} ({precision}), r = {args.r}: max |logit difference| prunetune vs the authors' code = {diff:.2e}; "
           f"GFLOPs dense {gflops['dense']:.3f}, ToMe {gflops['prunetune']:.3f} (bound {gflops['dense'] / gflops['prunetune']:.2f}x)",
           flush=True)
     rows = []
     for batch in batches:
         for mode in modes:
             start = time.perf_counter()
-            row = bench_row(models, image, batch, mode == "compiled", args.rounds)
+            row = bench_row(models, image, batch, mode == "compiled", args.rounds, device, precision)
             rows.append(row)
             o, a, s = row["prunetune_over_authors"], row["authors_speedup"], row["prunetune_speedup"]
             print(f"batch {batch:>3} {mode:<8}: prunetune / authors {o['median']:.3f} ({o['min']:.2f}-{o['max']:.2f}); "
@@ -112,8 +118,8 @@ def main() -> None:
                   f"latency ms dense {row['latency_ms']['dense']:.1f}, authors {row['latency_ms']['authors']:.1f}, "
                   f"prunetune {row['latency_ms']['prunetune']:.1f} ({time.perf_counter() - start:.0f} s)", flush=True)
     if args.out:
-        doc = {"backbone": args.backbone, "r": args.r, "max_logit_diff": diff, "gflops": gflops,
-               "authors_code": "facebookresearch/ToMe tome.patch.timm", "machine": machine_record("cpu"), "rows": rows}
+        doc = {"backbone": args.backbone, "r": args.r, "device": device, "precision": precision, "max_logit_diff": diff, "gflops": gflops,
+               "authors_code": "facebookresearch/ToMe tome.patch.timm", "machine": machine_record(device), "rows": rows}
         Path(args.out).write_text(json.dumps(doc, indent=2) + "\n")
 
 

@@ -21,8 +21,9 @@ such memory too.
 
 Precision ``bf16``/``fp16`` times under ``torch.autocast`` with that dtype (the model's weights stay
 fp32; autocast casts them once per timed loop); ``compile`` wraps every timed model in
-``torch.compile`` (default mode, static shapes) alike, compiled before the first timed round, whose
-output is checked there against the eager model's (``CompiledOutputMismatch`` beyond ``COMPILE_TOLERANCE``).
+``torch.compile`` (static shapes, in ``compile_mode``: ``reduce-overhead`` adds CUDA graphs) alike,
+compiled before the first timed round, whose output is checked there against the eager model's
+(``CompiledOutputMismatch`` beyond ``COMPILE_TOLERANCE``).
 """
 from __future__ import annotations
 
@@ -40,7 +41,7 @@ import torch
 from torch import nn
 
 __all__ = [
-    "MeasureConfig", "PRECISIONS", "measure_pair", "bench_pair", "bench_models", "count_gflops", "time_forward",
+    "MeasureConfig", "PRECISIONS", "COMPILE_MODES", "measure_pair", "bench_pair", "bench_models", "count_gflops", "time_forward",
     "time_rounds", "Timed", "spread", "profile_ops", "hold_freed_memory", "CompiledOutputMismatch", "COMPILE_TOLERANCE",
 ]
 
@@ -48,6 +49,11 @@ _logger = logging.getLogger(__name__)
 
 #: ``MeasureConfig.precision`` -> the autocast dtype (None: plain fp32).
 PRECISIONS: dict[str, torch.dtype | None] = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}
+
+#: ``torch.compile``'s modes. ``reduce-overhead`` replays each graph as a CUDA graph: one launch
+#: instead of hundreds, which is what a launch-bound GPU forward (small batches) needs; on a CPU it
+#: is the default mode.
+COMPILE_MODES = ("default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs")
 
 
 @dataclass(frozen=True)
@@ -64,6 +70,7 @@ class MeasureConfig:
             ``precision`` names the type explicitly and wins when not fp32.
         precision: ``fp32``, ``bf16`` or ``fp16`` (autocast with that dtype).
         compile: ``torch.compile`` every timed model alike (the dense one too).
+        compile_mode: ``torch.compile``'s mode (``COMPILE_MODES``); only with ``compile``.
     """
 
     batch_size: int = 64
@@ -73,6 +80,7 @@ class MeasureConfig:
     amp: bool = False
     precision: Literal["fp32", "bf16", "fp16"] = "fp32"
     compile: bool = False
+    compile_mode: Literal["default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs"] = "default"
 
     def __post_init__(self) -> None:
         for name in ("batch_size", "iters", "rounds"):
@@ -82,6 +90,10 @@ class MeasureConfig:
             raise ValueError(f"measure.warmup must be >= 0, got {self.warmup}")
         if self.precision not in PRECISIONS:
             raise ValueError(f"measure.precision must be one of {', '.join(PRECISIONS)}, got {self.precision!r}")
+        if self.compile_mode not in COMPILE_MODES:
+            raise ValueError(f"measure.compile_mode must be one of {', '.join(COMPILE_MODES)}, got {self.compile_mode!r}")
+        if self.compile_mode != "default" and not self.compile:
+            raise ValueError(f"measure.compile_mode {self.compile_mode!r} needs measure.compile: true")
 
     def autocast_dtype(self, device: torch.device | str) -> torch.dtype | None:
         """The dtype to autocast to on ``device`` (None: fp32, no autocast)."""
@@ -188,7 +200,7 @@ def _prepared(models: Mapping[str, nn.Module], cfg: MeasureConfig) -> dict[str, 
     out = {}
     for name, model in models.items():
         model.eval()
-        out[name] = torch.compile(model, dynamic=False) if cfg.compile else model
+        out[name] = torch.compile(model, dynamic=False, mode=cfg.compile_mode) if cfg.compile else model
     return out
 
 

@@ -64,9 +64,11 @@ def bench_experiment(method: str, backbone: str, sets: dict[str, Any] | None = N
 def run_bench(
     exp: ExperimentConfig, batch: int = 1, precision: str = "fp32", compile: bool = False, device: str | None = None,
     checkpoint: str | None = None, layout: str = "auto", rounds: int | None = None, warmup: int | None = None,
-    iters: int | None = None, seed: int = 0, profile: int = 0,
+    iters: int | None = None, seed: int = 0, profile: int = 0, compile_mode: str = "default",
 ) -> dict[str, Any]:
     """Time ``exp``'s method model beside its dense backbone; returns the setting, the machine and the figures.
+
+    ``compile_mode`` is ``torch.compile``'s mode for both models (``reduce-overhead``: CUDA graphs).
 
     ``rounds``/``warmup``/``iters`` default to ``exp.measure.rounds`` and ``bench_defaults(batch)``.
     ``profile`` > 0 adds ``profile``: each model's top operators by self time (``profile_ops``).
@@ -79,7 +81,7 @@ def run_bench(
     w, i = bench_defaults(batch)
     try:
         mcfg = replace(
-            exp.measure, batch_size=batch, precision=precision, compile=compile, rounds=rounds or exp.measure.rounds,
+            exp.measure, batch_size=batch, precision=precision, compile=compile, compile_mode=compile_mode, rounds=rounds or exp.measure.rounds,
             warmup=w if warmup is None else warmup, iters=iters or i,
         )
     except ValueError as e:
@@ -115,7 +117,8 @@ def run_bench(
     return {
         "method": exp.method, "backbone": exp.model.name, "setting": _plain(dataclasses.asdict(cfg)),
         "backbone_config": {k: v for k, v in dataclasses.asdict(exp.model).items() if v is not None and k != "pretrained"},
-        "image_size": list(image[1:]), "batch": batch, "precision": precision, "compile": compile, "device": str(dev),
+        "image_size": list(image[1:]), "batch": batch, "precision": precision, "compile": compile,
+        "compile_mode": mcfg.compile_mode if compile else None, "device": str(dev),
         "weights": weights, "rounds": mcfg.rounds, "warmup": mcfg.warmup, "iters": mcfg.iters,
         "seconds": seconds, "machine": machine_record(dev), **figures,
     }
@@ -123,7 +126,7 @@ def run_bench(
 
 def format_bench(r: dict[str, Any]) -> str:
     """The human-readable table: both models side by side, their spreads, and the ratios."""
-    mode = "compiled" if r["compile"] else "eager"
+    mode = "eager" if not r["compile"] else "compiled" + ("" if r.get("compile_mode") in (None, "default") else f" ({r['compile_mode']})")
     lines = [
         f"{r['method']} on {r['backbone']} ({r['image_size'][0]} px), batch {r['batch']}, {r['precision']}, {mode}, "
         f"{r['device']} ({r['machine']['torch_threads']} threads), {r['weights']} weights, "

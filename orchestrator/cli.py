@@ -255,7 +255,8 @@ def _cmd_bench(args: argparse.Namespace) -> int:
 
     try:
         result = run_bench(
-            exp, batch=args.batch, precision=args.precision, compile=args.compile, device=args.device,
+            exp, batch=args.batch, precision=args.precision, compile=args.compile is not None,
+            compile_mode=args.compile or "default", device=args.device,
             checkpoint=args.checkpoint, layout=args.layout, rounds=args.rounds, warmup=args.warmup, iters=args.iters,
             profile=args.profile,
         )
@@ -404,7 +405,8 @@ def _parser() -> argparse.ArgumentParser:
                    help="a method parameter as prunetune methods names it (keep_ratio=0.7), or model.*/measure.*; repeatable")
     b.add_argument("--batch", type=int, default=1, help="images per forward (default 1)")
     b.add_argument("--precision", choices=["fp32", "bf16", "fp16"], default="fp32", help="fp32, or autocast to bf16/fp16")
-    b.add_argument("--compile", action="store_true", help="torch.compile both models (default mode)")
+    b.add_argument("--compile", nargs="?", const="default", metavar="MODE",
+                   help="torch.compile both models; MODE is torch.compile's (default; reduce-overhead: CUDA graphs, for small GPU batches)")
     b.add_argument("--device", help="torch device (default: cuda if available, else cpu)")
     b.add_argument("--checkpoint", help="weights: a path or s3:// URI (default: random weights; speed does not depend on them)")
     b.add_argument("--layout", choices=["auto", "prunetune", "reference"], default="auto", help="checkpoint key layout")

@@ -42,3 +42,17 @@ def test_gpu_measurement_shows_throughput_gain():
     result = measure_pair(model, teacher, (3, 224, 224), torch.device("cuda"), MeasureConfig(batch_size=64, warmup=5, iters=10, rounds=1))
     print({k: round(v, 3) for k, v in result.items()})
     assert result["gflops"] < 0.7 * result["dense_gflops"]  # rho=0.7 on DeiT-S: ~2.9 vs 4.6 GMACs
+
+
+def test_reduce_overhead_replays_cuda_graphs_and_default_mode_does_not():
+    """``measure.compile_mode: reduce-overhead`` reaches ``torch.compile``: the profiled forwards launch
+    CUDA graphs (``cudaGraphLaunch``), where the default mode launches each kernel on its own."""
+    from methods.measure import profile_ops
+
+    model = DenseViT(create_backbone(BackboneConfig(name="vit_tiny_patch16_224", img_size=32, patch_size=4, depth=2))).cuda()
+    x = torch.randn(2, 3, 32, 32, device="cuda")
+    launches = {}
+    for mode in ("default", "reduce-overhead"):
+        ops = profile_ops(model, x, MeasureConfig(warmup=3, compile=True, compile_mode=mode), iters=4, top=10_000)
+        launches[mode] = sum(o["calls"] for o in ops if o["op"] == "cudaGraphLaunch")
+    assert launches["default"] == 0 and launches["reduce-overhead"] >= 1, launches

@@ -55,6 +55,12 @@ def test_bench_json_has_the_figures_and_their_relations(capsys):
         shares = [o["share"] for o in ops]
         assert shares == sorted(shares, reverse=True) and 0 < sum(shares) <= 1 + 1e-9
     assert any(o["op"] in ("aten::addmm", "aten::mm", "aten::linear") for o in r["profile"]["dense"])  # a ViT is mostly matmuls
+    assert r["compile_mode"] is None
+    from orchestrator.bench import format_bench
+
+    assert ", eager, cpu" in format_bench(r)
+    assert ", compiled (reduce-overhead), cpu" in format_bench({**r, "compile": True, "compile_mode": "reduce-overhead"})
+    assert ", compiled, cpu" in format_bench({**r, "compile": True, "compile_mode": "default"})
 
 
 def test_bench_table_for_people(capsys):
@@ -70,6 +76,7 @@ def test_bench_table_for_people(capsys):
     (("keep_ratio=1.5",), (), ("keep_ratio",)),  # out of its range
     (("pruning_loc=[1, 2, 9]",), (), ("pruning_loc",)),  # cannot fit the 4-block backbone
     (("pruning_loc=[1, 2, 3]",), ("--batch", "0"), ("--batch",)),
+    (("pruning_loc=[1, 2, 3]",), ("--compile", "fast"), ("compile_mode", "'fast'")),  # not a torch.compile mode
 ])
 def test_bench_refuses_bad_input_in_one_line(capsys, sets, args, words):
     rc, out, err = _bench(capsys, "dynamicvit", *args, sets=sets)
@@ -98,6 +105,11 @@ def test_sweep_configs_take_the_measurement_options_and_a_ratio_objective():
     assert apply_overrides(exp, {"measure.compile": False}).measure.compile is False
     with pytest.raises(ConfigError, match="precision"):
         apply_overrides(exp, {"measure.precision": "fp8"})
+    assert apply_overrides(exp, {"measure.compile_mode": "reduce-overhead"}).measure.compile_mode == "reduce-overhead"
+    with pytest.raises(ConfigError, match="compile_mode.*'fast'"):
+        apply_overrides(exp, {"measure.compile_mode": "fast"})
+    with pytest.raises(ConfigError, match="compile_mode 'reduce-overhead' needs measure.compile: true"):
+        apply_overrides(exp, {"measure.compile": False, "measure.compile_mode": "reduce-overhead"})
 
 
 def _benchmark(name: str):
