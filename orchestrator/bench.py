@@ -146,6 +146,11 @@ def format_bench(r: dict[str, Any]) -> str:
         f"  speed-up {r['speedup']:.3f}x (rounds {r['speedup_min']:.3f}-{r['speedup_max']:.3f}, spread {r['speedup_spread']:.1%}), "
         f"FLOPs bound {r['flops_bound']:.3f}x, efficiency {r['efficiency']:.3f}"
     )
+    if r["device"].startswith("cuda") and r["batch"] <= 32 and r.get("compile_mode") not in ("reduce-overhead", "max-autotune"):
+        lines.append(
+            "  note: on a GPU at small batches these times are mostly the host launching kernels, so a method's extra small "
+            "operators weigh more than its saved work; --compile reduce-overhead (CUDA graphs) takes the launches out"
+        )
     for name, ops in r.get("profile", {}).items():
         lines.append(f"  {r['method'] if name == 'sparse' else 'dense'}: top operators by self time per forward")
         width = max(len(o["op"]) for o in ops)

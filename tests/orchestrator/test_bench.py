@@ -61,6 +61,12 @@ def test_bench_json_has_the_figures_and_their_relations(capsys):
     assert ", eager, cpu" in format_bench(r)
     assert ", compiled (reduce-overhead), cpu" in format_bench({**r, "compile": True, "compile_mode": "reduce-overhead"})
     assert ", compiled, cpu" in format_bench({**r, "compile": True, "compile_mode": "default"})
+    # A small-batch GPU figure in eager (or default compiled) mode says it is launch-bound; CUDA graphs, a big batch or a CPU do not.
+    gpu = {**r, "device": "cuda:0", "machine": {**r["machine"], "gpu": "some GPU"}}
+    launch_note = "--compile reduce-overhead (CUDA graphs) takes the launches out"
+    assert launch_note in format_bench(gpu) and launch_note in format_bench({**gpu, "compile": True, "compile_mode": "default"})
+    assert launch_note not in format_bench({**gpu, "compile": True, "compile_mode": "reduce-overhead"})
+    assert launch_note not in format_bench({**gpu, "batch": 256}) and launch_note not in format_bench(r)
 
 
 def test_bench_table_for_people(capsys):
