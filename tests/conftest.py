@@ -27,6 +27,7 @@ TINY_VIT = BackboneConfig(
 )
 
 
+@pytest.hookimpl(tryfirst=True)  # before xdist's own hook reads the groups
 def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
     """Under ``-n 2 --dist loadgroup`` (CI) every integration test runs on one xdist worker, in order,
     sharing that worker's one Ray and one MLflow server; the unit tests run on the other worker meanwhile,
