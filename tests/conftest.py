@@ -29,14 +29,12 @@ TINY_VIT = BackboneConfig(
 
 @pytest.hookimpl(tryfirst=True)  # before xdist's own hook reads the groups
 def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
-    """Under ``-n 2 --dist loadgroup`` (CI) the integration tests run on one xdist worker, in order,
+    """Under ``-n 2 --dist loadgroup`` (CI) every integration test runs on one xdist worker, in order,
     sharing that worker's one Ray and one MLflow server; the unit tests run on the other worker meanwhile,
-    in the time the sweeps leave the cores idle (about a third), and then the two-node cluster's tests,
-    which start a Ray and services of their own (group ``cluster``). Without xdist the mark does nothing."""
+    in the time the sweeps leave the cores idle (about a third). Without xdist the mark does nothing."""
     for item in items:
         if item.get_closest_marker("integration") is not None:
-            own_cluster = item.path.name == "test_cluster.py"
-            item.add_marker(pytest.mark.xdist_group("cluster" if own_cluster else "integration"))
+            item.add_marker(pytest.mark.xdist_group("integration"))
 
 
 @pytest.fixture
