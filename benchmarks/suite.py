@@ -25,7 +25,7 @@ import torch
 
 import methods  # noqa: F401  (the CPU torchvision guard, before timm)
 from methods import list_methods
-from orchestrator.bench import bench_experiment, machine_record, run_bench
+from orchestrator.bench import bench_experiment, device_and_precision, machine_record, run_bench
 from orchestrator.errors import UserError
 
 MODELS = {"deit_tiny": "deit_tiny_patch16_224", "deit_small": "deit_small_patch16_224", "deit_base": "deit_base_patch16_224"}
@@ -116,9 +116,8 @@ def main(argv: list[str] | None = None) -> int:
     args = p.parse_args(argv)
     if args.threads:
         torch.set_num_threads(args.threads)
-    device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
+    device, precision = device_and_precision(args.device, args.precision)
     on_gpu = torch.device(device).type == "cuda"
-    precision = args.precision or ("bf16" if on_gpu else "fp32")
     batches = [int(b) for b in _split(args.batches or ("1,32,256" if on_gpu else "1,32"))]
     modes = _split(args.modes or ("eager,compiled,cudagraphs" if on_gpu else "eager,compiled"))
     if not set(modes) <= set(MODES):

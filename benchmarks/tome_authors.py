@@ -30,7 +30,7 @@ import torch
 import methods  # noqa: F401  (the CPU torchvision guard, before timm)
 from methods import BackboneConfig, count_gflops, create_backbone, get_method
 from methods.measure import MeasureConfig, spread, time_rounds
-from orchestrator.bench import bench_defaults, machine_record
+from orchestrator.bench import bench_defaults, device_and_precision, machine_record
 
 
 def authors_patch(src: str):
@@ -94,8 +94,7 @@ def main() -> None:
     patch = authors_patch(args.tome_src)
     if args.threads:
         torch.set_num_threads(args.threads)
-    device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
-    precision = args.precision or ("bf16" if torch.device(device).type == "cuda" else "fp32")
+    device, precision = device_and_precision(args.device, args.precision)
     models = build(args.backbone, args.r, patch)
     image = (3, *models["dense"].patch_embed.img_size)
     gflops = {n: count_gflops(m, image) for n, m in models.items() if n != "authors"}  # the authors' patch: same merges

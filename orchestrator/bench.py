@@ -54,6 +54,13 @@ def bench_defaults(batch: int) -> tuple[int, int]:
     return max(1, math.ceil(10 / batch)), max(3, math.ceil(30 / batch))
 
 
+def device_and_precision(device: str | None, precision: str | None) -> tuple[str, str]:
+    """What the benchmark scripts time on unless told: ``cuda`` where there is one, else ``cpu``; bf16 on a
+    GPU, fp32 elsewhere."""
+    device = device or ("cuda" if torch.cuda.is_available() else "cpu")
+    return device, precision or ("bf16" if torch.device(device).type == "cuda" else "fp32")
+
+
 def bench_experiment(method: str, backbone: str, sets: dict[str, Any] | None = None) -> ExperimentConfig:
     """The experiment config a bench run measures: ``method`` on ``backbone`` with ``sets`` (method fields
     as ``prunetune methods`` names them, or ``model.*``/``measure.*`` keys), validated (``ConfigError``)."""
