@@ -29,12 +29,16 @@ TINY_VIT = BackboneConfig(
 
 @pytest.hookimpl(tryfirst=True)  # before xdist's own hook reads the groups
 def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
-    """Under ``-n 2 --dist loadgroup`` (CI) every integration test runs on one xdist worker, in order,
-    sharing that worker's one Ray and one MLflow server; the unit tests run on the other worker meanwhile,
-    in the time the sweeps leave the cores idle (about a third). Without xdist the mark does nothing."""
+    """Under ``-n 2 --dist loadgroup`` (CI) the integration tests run on one xdist worker, in order,
+    sharing that worker's one Ray and one MLflow server. The unit tests and the two-node cluster's
+    tests (a Ray, PostgreSQL and MLflow of their own: group ``cluster``) run on the other worker
+    meanwhile, in the time the sweeps leave the cores idle; a sweep whose assertions read its timings
+    and the cluster's sweep never run at once (``cores_to_itself`` in tests/integration/conftest.py).
+    Without xdist the marks do nothing."""
     for item in items:
         if item.get_closest_marker("integration") is not None:
-            item.add_marker(pytest.mark.xdist_group("integration"))
+            own_cluster = item.path.name == "test_cluster.py"
+            item.add_marker(pytest.mark.xdist_group("cluster" if own_cluster else "integration"))
 
 
 @pytest.fixture

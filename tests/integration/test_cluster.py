@@ -230,11 +230,16 @@ def _keys(client, prefix: str) -> list[str]:
 
 
 @pytest.fixture(scope="module")
-def submitted(ray_cluster, mlflow_pg, digits_dir, tmp_path_factory):
+def submitted(ray_cluster, mlflow_pg, digits_dir, tmp_path_factory, cores_to_itself):
     """The 2-trial sweep as a user runs it on a cluster: submitted with ``ray job submit``, stopped
     with ``ray job stop`` once its first trial finished, and resumed by a second submission that
-    finishes it. One sweep serves the placement, storage, credential and stop/resume tests."""
-    job_dir = tmp_path_factory.mktemp("job")
+    finishes it. One sweep serves the placement, storage, credential and stop/resume tests. Never
+    beside a sweep that reads its timings (``cores_to_itself``)."""
+    with cores_to_itself():
+        return _submit_stop_resume(ray_cluster, mlflow_pg, digits_dir, tmp_path_factory.mktemp("job"))
+
+
+def _submit_stop_resume(ray_cluster, mlflow_pg: str, digits_dir: Path, job_dir: Path):
     config = _config(job_dir, digits_dir)
     client = MlflowClient(mlflow_pg)
     start = time.time()
