@@ -42,7 +42,7 @@ from torch import nn
 
 __all__ = [
     "MeasureConfig", "PRECISIONS", "COMPILE_MODES", "measure_pair", "bench_pair", "bench_models", "count_gflops", "time_forward",
-    "time_rounds", "Timed", "spread", "profile_ops", "hold_freed_memory", "CompiledOutputMismatch", "COMPILE_TOLERANCE",
+    "time_rounds", "Timed", "spread", "NOISY_SPREAD", "profile_ops", "hold_freed_memory", "CompiledOutputMismatch", "COMPILE_TOLERANCE",
 ]
 
 _logger = logging.getLogger(__name__)
@@ -422,6 +422,13 @@ def count_gflops(model: nn.Module, image_shape: tuple[int, int, int], device: to
         model.train(was_training)
 
 
+#: Rounds whose ratios to the dense model disagree by more than this (``spread``) were timed on a busy
+#: machine: ``measure_pair`` says so in a warning. On the idle 2-core VM a trial's rounds agree within
+#: 0.4-5%; with three times more runnable threads than cores a 1-ms forward took 2.4, 10.8 or 420 ms
+#: by the scheduler's luck, and a dense model timed beside itself came out 0.3-4x (2026-11-24).
+NOISY_SPREAD = 0.10
+
+
 def measure_pair(
     sparse: nn.Module,
     dense: nn.Module,
@@ -438,7 +445,9 @@ def measure_pair(
         (sparse over dense throughput), each the median of cycle-by-cycle ratios, with
         ``speedup_spread``/``throughput_ratio_spread`` over rounds; ``gflops``, ``dense_gflops``,
         ``flops_bound`` (dense over sparse GFLOPs) and ``efficiency`` (throughput ratio over bound).
-        On a noisy machine the ratios are the robust figures: both sides of each are timed back to back.
+        On a noisy machine the ratios are the robust figures: both sides of each are timed back to back;
+        when even their rounds disagree by more than ``NOISY_SPREAD``, a warning says the figures
+        are not to be trusted.
     """
     names = {"sparse": "", "dense": "dense_"}
     models = _prepared({"sparse": sparse, "dense": dense}, cfg)
@@ -464,4 +473,11 @@ def measure_pair(
     result["flops_bound"] = result["dense_gflops"] / result["gflops"]
     result["efficiency"] = result["throughput_ratio"] / result["flops_bound"]
     _logger.info("measured on %s: %s", device, {k: round(v, 4) for k, v in result.items()})
+    noisy = {k: result[k] for k in ("speedup_spread", "throughput_ratio_spread") if result[k] > NOISY_SPREAD}
+    if noisy:
+        _logger.warning(
+            "timing on %s was noisy: %s over %d rounds (more than %.0f%%), so the machine was busy; "
+            "trust these ratios only after measuring again on a quiet machine or with more measure.iters/rounds",
+            device, ", ".join(f"{k} {v:.0%}" for k, v in noisy.items()), cfg.rounds, 100 * NOISY_SPREAD,
+        )
     return result

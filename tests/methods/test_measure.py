@@ -119,6 +119,39 @@ def test_measure_pair_times_each_model_in_its_own_slot_in_eval_mode(monkeypatch)
         assert not any(training or grad for _, training, grad in model.calls)
 
 
+class _Slowing(_Clocked):
+    """``_Clocked`` that costs ``later_ms`` per image from its ``after + 1``-th call on (a machine getting busy)."""
+
+    def __init__(self, clock, ms_per_image, width, after: int, later_ms: float) -> None:
+        super().__init__(clock, ms_per_image, width)
+        self.after, self.later_ms = after, later_ms
+
+    def forward(self, x):
+        if len(self.calls) == self.after:
+            self.ms = self.later_ms
+        return super().forward(x)
+
+
+def test_rounds_that_disagree_are_warned_about_and_steady_ones_are_not(monkeypatch, caplog):
+    """Latency at batch 1: the sparse model's calls are its first (untimed), then per round 1 warm-up
+    and 3 timed. From its 6th call (round 2's warm-up) it costs 2 ms instead of 1, beside a steady
+    3 ms: the rounds' speed-ups are 3.0 and 1.5, spread (3.0 - 1.5) / 2.25 = 2/3; the throughput
+    pass after it runs at 2 ms throughout (1.5 both rounds, spread 0)."""
+    clock = _fake_clock(monkeypatch)
+    cfg = MeasureConfig(batch_size=8, warmup=1, iters=3, rounds=2)
+    with caplog.at_level("WARNING", logger="methods.measure"):
+        out = measure_pair(_Slowing(clock, 1.0, 4, after=5, later_ms=2.0), _Clocked(clock, 3.0, 64), (3, 8, 8), torch.device("cpu"), cfg)
+    assert out["speedup_spread"] == pytest.approx(2 / 3) and out["throughput_ratio_spread"] == pytest.approx(0.0)
+    (warning,) = [r.getMessage() for r in caplog.records if r.levelname == "WARNING"]
+    assert "speedup_spread 67% over 2 rounds" in warning and "throughput_ratio_spread" not in warning
+
+    caplog.clear()
+    clock = _fake_clock(monkeypatch)  # a fresh one: fvcore's trace of the models above advanced the old one by a traced tensor
+    with caplog.at_level("WARNING", logger="methods.measure"):
+        measure_pair(_Clocked(clock, 1.0, 4), _Clocked(clock, 3.0, 64), (3, 8, 8), torch.device("cpu"), cfg)
+    assert not [r for r in caplog.records if r.levelname == "WARNING"]
+
+
 # ---- bench: one batch, interleaved rounds, spreads, cycle-by-cycle ratios (fake clock: arithmetic, not speed)
 
 def _fake_clock(monkeypatch) -> list[float]:
