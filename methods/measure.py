@@ -425,7 +425,8 @@ def count_gflops(model: nn.Module, image_shape: tuple[int, int, int], device: to
 #: Rounds whose ratios to the dense model disagree by more than this (``spread``) were timed on a busy
 #: machine: ``measure_pair`` says so in a warning. On the idle 2-core VM a trial's rounds agree within
 #: 0.4-5%; with three times more runnable threads than cores a 1-ms forward took 2.4, 10.8 or 420 ms
-#: by the scheduler's luck, and a dense model timed beside itself came out 0.3-4x (2026-11-24).
+#: by the scheduler's luck, and a dense model timed beside itself came out 0.21-4.34x over 5 cycles and
+#: 0.30-2.53x over 30 (40 repeats each, 2026-11-24).
 NOISY_SPREAD = 0.10
 
 
