@@ -54,10 +54,14 @@ def bench_defaults(batch: int) -> tuple[int, int]:
     return max(1, math.ceil(10 / batch)), max(3, math.ceil(30 / batch))
 
 
+def default_device(device: str | None) -> str:
+    """``device``, or unless told ``cuda`` where there is one, else ``cpu``."""
+    return device or ("cuda" if torch.cuda.is_available() else "cpu")
+
+
 def device_and_precision(device: str | None, precision: str | None) -> tuple[str, str]:
-    """What the benchmark scripts time on unless told: ``cuda`` where there is one, else ``cpu``; bf16 on a
-    GPU, fp32 elsewhere."""
-    device = device or ("cuda" if torch.cuda.is_available() else "cpu")
+    """What the benchmark scripts time on unless told: ``default_device``; bf16 on a GPU, fp32 elsewhere."""
+    device = default_device(device)
     return device, precision or ("bf16" if torch.device(device).type == "cuda" else "fp32")
 
 
@@ -82,7 +86,7 @@ def run_bench(
     """
     if batch < 1:
         raise UserError(f"--batch must be >= 1, got {batch}")
-    dev = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    dev = torch.device(default_device(device))
     if dev.type == "cuda" and not torch.cuda.is_available():
         raise UserError(f"device {device!r}: CUDA is not available here")
     w, i = bench_defaults(batch)

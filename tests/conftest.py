@@ -31,14 +31,14 @@ TINY_VIT = BackboneConfig(
 def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
     """Under ``-n 2 --dist loadgroup`` (CI) the integration tests run on one xdist worker, in order,
     sharing that worker's one Ray and one MLflow server. The unit tests and the two-node cluster's
-    tests (a Ray, PostgreSQL and MLflow of their own: group ``cluster``) run on the other worker
-    meanwhile, in the time the sweeps leave the cores idle; a sweep whose assertions read its timings
-    and the cluster's sweep never run at once (``cores_to_itself`` in tests/integration/conftest.py).
-    Without xdist the marks do nothing."""
+    tests (a Ray, PostgreSQL and MLflow of their own: their module marks them ``xdist_group("cluster")``)
+    run on the other worker meanwhile, in the time the sweeps leave the cores idle; a sweep whose
+    assertions read its timings and the cluster's sweep never run at once (``cores_to_itself`` in
+    tests/integration/conftest.py). An integration test already in a group stays in it only (xdist
+    joins every group a test names into one). Without xdist the marks do nothing."""
     for item in items:
-        if item.get_closest_marker("integration") is not None:
-            own_cluster = item.path.name == "test_cluster.py"
-            item.add_marker(pytest.mark.xdist_group("cluster" if own_cluster else "integration"))
+        if item.get_closest_marker("integration") is not None and item.get_closest_marker("xdist_group") is None:
+            item.add_marker(pytest.mark.xdist_group("integration"))
 
 
 @pytest.fixture

@@ -34,7 +34,8 @@ from mlflow import MlflowClient
 
 from methods import BackboneConfig, create_backbone
 
-pytestmark = pytest.mark.integration
+# Its own Ray, PostgreSQL and MLflow: an xdist group of its own, beside the other integration tests (tests/conftest.py).
+pytestmark = [pytest.mark.integration, pytest.mark.xdist_group("cluster")]
 
 BUCKET = "prunetune-cluster"
 EXPERIMENT = "it-cluster"
